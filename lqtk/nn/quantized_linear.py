@@ -1,0 +1,60 @@
+"""`QuantizedLinear`: an nn.Linear replacement that holds a `QuantizedWeight` and decodes it in forward.
+
+Floating-point tensors of the weight (scales, codebooks) are frozen nn.Parameters, so a fine-tuning phase can
+train them by flipping `requires_grad`; integer codes are buffers. Fast kernels will plug in behind the format's
+`linear`, so callers never change."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lqtk.quant.base import FORMATS, QuantizedWeight, WeightFormat
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.method, self.format, self.spec = weight.method, weight.format, weight.spec
+        self.out_features, self.in_features = weight.spec["shape"]
+        self.tensor_names = list(weight.tensors)
+        for name, tensor in weight.tensors.items():
+            if tensor.is_floating_point():
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+            else:
+                self.register_buffer(name, tensor)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._dense: tuple[tuple, torch.Tensor] | None = None  # (tensor versions, decoded weight)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.tensor_names}
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.method, self.format, self.spec, self.tensors())
+
+    def layer_config(self) -> dict:
+        """What an export records for this layer so a loader can rebuild it."""
+        return {"method": self.method, "format": self.format, **self.spec}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tensors = self.tensors()
+        decode_then_matmul = type(FORMATS[self.format]).linear is WeightFormat.linear
+        if decode_then_matmul and not any(t.requires_grad for t in tensors.values()):
+            return F.linear(x, self._cached_dense(tensors).to(x.dtype), self.bias)
+        return FORMATS[self.format].linear(x, tensors, self.spec, self.bias)
+
+    def _cached_dense(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoded weight, reused while no tensor changed (calibration and evaluation run many batches
+        through the same frozen layer; decoding packed codes each time would dominate). Training bypasses it."""
+        key = tuple((t.data_ptr(), t._version) for t in tensors.values())
+        if self._dense is None or self._dense[0] != key:
+            self._dense = (key, FORMATS[self.format].dequantize(tensors, self.spec))
+        return self._dense[1]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, {self.spec}"
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

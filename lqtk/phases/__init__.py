@@ -1,0 +1,3 @@
+from lqtk.phases.layerwise import LayerwiseCalibration
+
+__all__ = ["LayerwiseCalibration"]

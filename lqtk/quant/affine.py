@@ -1,0 +1,76 @@
+"""The `affine` storage format (integer codes, per-group scale and zero point) and the config shared by the
+scalar methods that produce it (RTN, GPTQ)."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lqtk.quant.base import QuantizedWeight, WeightFormat, WeightQuantizer, register_format
+from lqtk.quant.primitives import check_scheme, minmax_qparams, mse_qparams, pack_bits, unpack_bits
+
+
+@register_format
+class AffineFormat(WeightFormat):
+    """w[o, i] = (q[o, i] - zero[o, g(i)]) · scale[o, g(i)],  g(i) = i // group_size.
+
+    tensors: `qweight` int32 (O, ceil(I·b/32)), codes packed densely along the input dim;
+             `scales` fp16 (O, G); `zeros` int32 (O, ceil(G·b/32)) packed zero points, asymmetric only
+             (symmetric zero points are 2^(b-1) and not stored).
+    spec: bits, group_size (null = one group per row), symmetric, shape [O, I]."""
+
+    name = "affine"
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
+        bits, (_, in_features) = spec["bits"], spec["shape"]
+        q = unpack_bits(tensors["qweight"], bits, in_features)
+        scales = tensors["scales"].float()
+        if "zeros" in tensors:
+            zeros = unpack_bits(tensors["zeros"], bits, scales.shape[1])
+        else:
+            zeros = torch.full_like(scales, 2 ** (bits - 1))
+        group = torch.arange(in_features, device=q.device) // (spec["group_size"] or in_features)
+        return (q - zeros[:, group]) * scales[:, group]
+
+
+@dataclass
+class AffineQuantizer(WeightQuantizer):
+    """Integer grid per group of input columns (config shared by RTN and GPTQ)."""
+
+    bits: int = 4
+    """Bits per weight code: 2, 3, 4 or 8."""
+    group_size: int | None = 128
+    """Input columns per scale/zero group (null: one group per output channel). A shorter last group covers the
+    remainder when it does not divide the input dim."""
+    symmetric: bool = False
+    """Symmetric grid with the zero point fixed at 2^(bits-1) (not stored), or asymmetric with a stored zero."""
+    observer: Literal["minmax", "mse"] = "minmax"
+    """How a group's range is chosen: its min/max, or a search over shrunk ranges for the least error."""
+    mse_grid: int = 100
+    """Scale search: number of shrink steps between 1 and 0."""
+    mse_max_shrink: float = 0.8
+    """Scale search: largest fraction of the range that may be cut."""
+    mse_norm: float = 2.4
+    """Scale search: error exponent |q(w) - w|^norm (2.4 as GPTQ's reference and GPTQModel)."""
+
+    def __post_init__(self):
+        check_scheme(self.bits, self.group_size)
+
+    def qparams(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero of each row of the group `w` (O, n). Scales are rounded to fp16, the storage dtype, here,
+        so that what the algorithm sees is exactly what the export decodes."""
+        if self.observer == "mse":
+            args = (self.mse_grid, self.mse_max_shrink, self.mse_norm)
+            scale, zero = mse_qparams(w, self.bits, self.symmetric, importance, *args)
+        else:
+            scale, zero = minmax_qparams(w, self.bits, self.symmetric)
+        return scale.half().float(), zero
+
+    def pack(self, method: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> QuantizedWeight:
+        """Store codes (O, I), scales (O, G) and zeros (O, G) in the `affine` format."""
+        tensors = {"qweight": pack_bits(codes, self.bits), "scales": scales.half()}
+        if not self.symmetric:
+            tensors["zeros"] = pack_bits(zeros, self.bits)
+        spec = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "shape": list(codes.shape)}
+        return QuantizedWeight(method, AffineFormat.name, spec, tensors)

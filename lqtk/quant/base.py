@@ -1,0 +1,79 @@
+"""The interface every quantization method implements, and the container its result lives in.
+
+A method is a `WeightQuantizer`: a config object whose `quantize(weight, hessian)` turns a dense (O, I) weight and
+the calibration Hessian H = XᵀX of its inputs into a `QuantizedWeight`. A `QuantizedWeight` is a general container:
+named tensors plus a JSON-able `spec` that tells its storage `format` how to turn them back into a dense weight (or
+how to run the matmul directly). New methods add a format with `register_format` and need no change elsewhere.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lqtk.errors import LqtkError
+
+
+class WeightFormat:
+    """How a stored weight is decoded. Subclasses set `name` and implement `dequantize`; `linear` may be
+    overridden by formats that transform activations too (incoherence processing, activation quantization)."""
+
+    name: str
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], spec: dict, bias: torch.Tensor | None):
+        return F.linear(x, self.dequantize(tensors, spec).to(x.dtype), bias)
+
+
+FORMATS: dict[str, WeightFormat] = {}
+
+
+def register_format(cls: type[WeightFormat]) -> type[WeightFormat]:
+    FORMATS[cls.name] = cls()
+    return cls
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized (O, I) weight: `tensors` decoded by `FORMATS[format]` with `spec`; `method` made it."""
+
+    method: str
+    format: str
+    spec: dict
+    tensors: dict[str, torch.Tensor]
+
+    def dequantize(self) -> torch.Tensor:
+        return FORMATS[self.format].dequantize(self.tensors, self.spec)
+
+
+def storage_bits(tensors: dict[str, torch.Tensor]) -> int:
+    """Bits it takes to store these tensors as they are (packed codes, scales, zeros, codebooks)."""
+    return sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+
+
+class WeightQuantizer:
+    """Base of all quantization methods (a config object; subclasses are dataclasses)."""
+
+    #: whether `quantize` needs the calibration Hessian (RTN does not; the phase then skips collecting it)
+    needs_hessian: bool = True
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> QuantizedWeight:
+        raise NotImplementedError
+
+
+def accumulate_hessian(hessian: torch.Tensor, count: int, x: torch.Tensor) -> int:
+    """Add a batch of layer inputs x (..., I) to the running mean H = 2/n · Σ xxᵀ in place; returns the new n.
+
+    The running mean (rather than a sum) keeps H's scale independent of the number of calibration tokens."""
+    x = x.reshape(-1, x.shape[-1]).to(hessian.dtype)
+    n = x.shape[0]
+    hessian.mul_(count / (count + n))
+    hessian.addmm_(x.T, x, alpha=2 / (count + n))
+    return count + n
+
+
+def check_finite(weight: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(weight).all():
+        raise LqtkError(f"{name} has NaN/Inf weights: the model is corrupt or was saved after a diverged run")

@@ -1,0 +1,108 @@
+"""GPTQ (Frantar et al. 2022, https://arxiv.org/abs/2210.17323, Algorithm 1) with lazy block updates,
+act-order and static groups.
+
+Columns are quantized one at a time; each column's rounding error is spread over the columns not yet quantized
+through the upper Cholesky factor U of H⁻¹, which minimises ||(W - Q) X||² given H = XᵀX. With act-order the
+columns are visited by decreasing diag(H), but groups stay in the original column order (so the stored format
+needs no g_idx): a group's scale and zero are fixed when the walk first reaches one of its columns, from that
+group's weights as updated so far.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from lqtk.errors import LqtkError
+from lqtk.quant.affine import AffineQuantizer
+from lqtk.quant.base import QuantizedWeight
+from lqtk.quant.primitives import group_starts, quantize_affine
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, damp_increment: float, max_damp: float = 1.0):
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H). A non positive-definite H raises the
+    damping by `damp_increment` and retries (with a warning) up to `max_damp`."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    mean_diag = hessian.diagonal().mean()
+    while damp <= max_damp:
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0:
+                return upper
+        warnings.warn(f"GPTQ: Hessian is not positive definite with damp={damp:.3f}; retrying with more damping")
+        damp += damp_increment
+    raise LqtkError(
+        f"GPTQ: the Hessian stays singular up to damp={max_damp}: the calibration inputs of this layer are "
+        "degenerate (constant or too few tokens); use more or more varied calibration windows"
+    )
+
+
+@dataclass
+class GPTQ(AffineQuantizer):
+    """GPTQ on the affine grid of `AffineQuantizer`."""
+
+    act_order: bool = True
+    """Quantize columns by decreasing Hessian diagonal (the most sensitive inputs first)."""
+    block_size: int = 128
+    """Columns per lazy batch update (speed only; the result does not depend on it)."""
+    damp: float = 0.01
+    """Dampening added to the Hessian diagonal, as a fraction of its mean."""
+    damp_increment: float = 0.01
+    """How much `damp` grows on each retry when the damped Hessian is still not positive definite."""
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> QuantizedWeight:
+        if hessian is None:
+            raise ValueError("GPTQ needs the calibration Hessian of the layer's inputs")
+        codes, scales, zeros = gptq_quantize(weight, hessian, self)
+        return self.pack("gptq", codes, scales, zeros)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
+    """Quantize weight (O, I) given H (I, I). Returns codes (O, I), scales (O, G), zeros (O, G)."""
+    W = weight.float().clone()
+    H = hessian.float().clone()
+    out_features, in_features = W.shape
+    dead = H.diagonal() == 0  # inputs that were always zero: any value is exact, make them 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    importance = H.diagonal().clone()
+
+    perm = torch.argsort(importance, descending=True) if config.act_order else torch.arange(in_features)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_hessian_cholesky(H, config.damp, config.damp_increment)
+
+    starts = group_starts(in_features, config.group_size)
+    bounds = list(zip(starts, starts[1:] + [in_features]))
+    position = torch.argsort(perm)  # original column -> its place in the walk
+    group_of = (perm // bounds[0][1]).tolist()  # every group but the last is bounds[0][1] wide
+    scales = torch.zeros(out_features, len(bounds))
+    zeros = torch.zeros(out_features, len(bounds))
+    ready = [False] * len(bounds)
+    codes = torch.zeros(out_features, in_features, dtype=torch.int64)
+
+    for i1 in range(0, in_features, config.block_size):
+        i2 = min(i1 + config.block_size, in_features)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = group_of[j]
+            if not ready[g]:
+                # The group's columns are all still ahead of the walk; bring them up to date with the errors
+                # of this block so far (the lazy update has not reached W yet) and fix the group's grid.
+                start, end = bounds[g]
+                cols = position[start:end]
+                current = W[:, cols] - Err1[:, :i] @ U[i1:j, cols]
+                s, z = config.qparams(current, importance[start:end])
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+                ready[g] = True
+            s, z = scales[:, g], zeros[:, g]
+            q = quantize_affine(W1[:, i], s, z, config.bits)
+            codes[:, j] = q.long()
+            err = (W1[:, i] - (q - z) * s) / U[j, j]
+            W1[:, i:] -= err[:, None] * U[j, j:i2][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    return codes[:, position], scales, zeros.long()
