@@ -28,7 +28,7 @@ class LqtkCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ExportQuantized, "export")
-        parser.add_argument("--overwrite", type=bool, default=False, help="Replace a finished export in the run folder.")
+        parser.add_argument("--overwrite", type=bool, default=False, help="Replace a finished export in the run.")
         parser.link_arguments("model.init_args.model", "data.tokenizer")
         parser.link_arguments("trainer.default_root_dir", "export.dirpath")
         parser.link_arguments("overwrite", "export.overwrite")
@@ -87,9 +87,19 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS[words[0]](words[1:])
         else:
             fit(argv)
-    except LqtkError as err:
-        print(f"lqtk: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"lqtk: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error(err: BaseException | None) -> LqtkError | None:
+    """The LqtkError behind `err`, if any (jsonargparse wraps errors raised while it instantiates classes)."""
+    while err is not None and not isinstance(err, LqtkError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 if __name__ == "__main__":

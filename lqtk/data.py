@@ -64,8 +64,10 @@ def tokenize_files(files: list[str], tokenizer) -> torch.Tensor:
     for file in files:
         if not Path(file).is_file():
             raise LqtkError(f"text file {file} does not exist: check the path in --data.*_files")
-    docs = load_dataset("text", data_files=list(files), sample_by="document", split="train")
-    return tokenize_documents(docs["text"], tokenizer)
+    texts = load_dataset("text", data_files=list(files), sample_by="document", split="train")["text"]
+    if not any(text.strip() for text in texts):
+        raise LqtkError(f"the corpus is empty: {', '.join(map(str, files))} hold no text; give text files with content")
+    return tokenize_documents(texts, tokenizer)
 
 
 def tokenize_documents(texts: list[str], tokenizer) -> torch.Tensor:

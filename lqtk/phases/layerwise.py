@@ -47,7 +47,8 @@ class LayerwiseCalibration(LightningModule):
 
     def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        # No save_hyperparameters(): LightningCLI would let a checkpoint's hyperparameters override the recipe on
+        # resume; instead `identity()` is checkpointed and a mismatch is refused.
         self.model_path, self.quantizer, self.sequential = model, quantizer, sequential
         self.skip = tuple(skip or ())
         self.automatic_optimization = False

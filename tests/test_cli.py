@@ -1,0 +1,141 @@
+"""End to end through the command line on the tiny model: the debug recipe, export round trip, `lqtk evaluate`,
+and every kind of bad input (one clear message, non-zero exit, nothing overwritten)."""
+
+import json
+import subprocess
+
+import pytest
+from conftest import LQTK, REPO
+from safetensors.torch import load_file, save_file
+
+from lqtk.cli import main
+from lqtk.models import build_tiny_llama
+
+DEBUG_RECIPE = str(REPO / "configs" / "debug" / "gptq-tiny.yaml")
+
+
+def recipe_args(corpus, run_dir, *extra):
+    return ["fit", "--config", DEBUG_RECIPE, "--trainer.default_root_dir", str(run_dir),
+            "--data.calibration_files", f"[{corpus['calibration']}]",
+            "--data.evaluation_files", f"[{corpus['evaluation']}]", *extra]
+
+
+def run_lqtk(*args, cwd):
+    return subprocess.run([*LQTK, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def fails_with(capsys, argv, message):
+    """Run the CLI in-process: it must exit non-zero with `message` in its one error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err, err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def debug_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("debug") / "run"
+    proc = run_lqtk(*recipe_args(corpus, run_dir), cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_debug_recipe_exports_a_verified_model_with_metrics(debug_run):
+    metrics = json.loads((debug_run / "metrics.json").read_text())
+    for key in ("method", "bits_per_weight", "perplexity", "fp_perplexity", "quantize_time_s", "wall_time_s",
+                "peak_rss_bytes"):
+        assert key in metrics
+    assert metrics["method"] == "gptq"
+    # 4-bit codes + fp16 scale and 4-bit zero per group of 48 (groups 48+16 and 3x48+16): a little under 5 bits
+    assert 4.5 < metrics["bits_per_weight"] < 5.0
+    assert 0.5 < metrics["perplexity"] / metrics["fp_perplexity"] < 2
+    config = json.loads((debug_run / "model" / "config.json").read_text())
+    layers = config["quantization_config"]["layers"]
+    assert len(layers) == 2 * 7 and all(layer["method"] == "gptq" for layer in layers.values())
+    assert not [p.name for p in debug_run.iterdir() if p.name.startswith(".export")]  # no temp folder left
+    assert "weight" not in {k.rsplit(".", 1)[1] for k in load_file(debug_run / "model" / "model.safetensors")
+                            if k.startswith("model.layers.0.self_attn.q_proj.")}
+
+
+def test_evaluate_reproduces_the_phase_perplexity(debug_run, corpus, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = run_lqtk("evaluate", "--model", str(debug_run / "model"), "--text", str(corpus["evaluation"]),
+                    "--seq-len", "64", "--output", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result, metrics = json.loads(out.read_text()), json.loads((debug_run / "metrics.json").read_text())
+    assert set(result) >= {"perplexity", "tokens", "seq_len", "bos", "bits_per_weight"}
+    assert result["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-5)
+    assert result["bits_per_weight"] == metrics["bits_per_weight"] and result["tokens"] == metrics["tokens"]
+
+
+def test_finished_export_is_not_overwritten(debug_run, corpus, capsys):
+    weights = debug_run / "model" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    fails_with(capsys, recipe_args(corpus, debug_run), "already holds a finished export")
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_checkpoint_of_another_recipe_is_refused(debug_run, corpus, tmp_path, capsys):
+    argv = recipe_args(corpus, tmp_path / "other", "--model.init_args.quantizer.init_args.bits", "3",
+                       "--ckpt_path", str(debug_run / "checkpoints" / "last.ckpt"))
+    fails_with(capsys, argv, "belongs to another run (different quantizer)")
+    assert not (tmp_path / "other" / "model").exists()
+
+
+def test_print_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", DEBUG_RECIPE, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path: lqtk.quant.GPTQ" in capsys.readouterr().out
+
+
+@pytest.fixture
+def broken_models(tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    vision = tmp_path / "vision"
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)) \
+        .save_pretrained(vision)
+    nan = tmp_path / "nan"
+    build_tiny_llama(nan)
+    weights = load_file(nan / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, nan / "model.safetensors", metadata={"format": "pt"})
+    return {"missing": tmp_path / "missing", "corrupt": corrupt, "vision": vision, "nan": nan}
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "does not exist"),
+    ("corrupt", "is missing or unreadable"),
+    ("vision", "not a causal language model"),
+    ("nan", "NaN/Inf"),
+])
+def test_bad_model_is_refused(case, message, broken_models, corpus, tmp_path, capsys):
+    fails_with(capsys, recipe_args(corpus, tmp_path / "run", "--model.init_args.model", str(broken_models[case])),
+               message)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--model.init_args.quantizer.init_args.bits", "5", "unsupported bits=5"),
+    ("--model.init_args.quantizer.init_args.group_size", "0", "group_size=0 must be >= 1"),
+])
+def test_unsupported_quantizer_config_is_refused(option, value, message, corpus, tmp_path, capsys):
+    fails_with(capsys, recipe_args(corpus, tmp_path / "run", option, value), message)
+
+
+def test_empty_corpus_is_refused(corpus, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    fails_with(capsys, recipe_args(corpus, tmp_path / "run", "--data.evaluation_files", f"[{empty}]"),
+               "corpus is empty")
+
+
+def test_evaluate_refuses_missing_model(tmp_path):
+    proc = run_lqtk("evaluate", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "x.json"),
+                    cwd=tmp_path)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and not (tmp_path / "x.json").exists()

@@ -1,0 +1,44 @@
+import torch
+import torch.nn.functional as F
+
+from lqtk.export.format import quantized_linear_from_config
+from lqtk.nn import QuantizedLinear
+from lqtk.quant import RTN
+
+
+def make_layer(bias=True):
+    w = torch.randn(12, 40)
+    b = torch.randn(12) if bias else None
+    return QuantizedLinear(RTN(bits=4, group_size=16).quantize(w), b), b
+
+
+def test_forward_equals_dense_matmul_with_the_decoded_weight():
+    layer, bias = make_layer()
+    x = torch.randn(3, 5, 40)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.quantized_weight.dequantize(), bias))
+
+
+def test_floating_tensors_are_frozen_parameters_and_codes_are_buffers():
+    layer, _ = make_layer()
+    params = dict(layer.named_parameters())
+    assert set(params) == {"scales", "bias"} and not any(p.requires_grad for p in params.values())
+    assert set(dict(layer.named_buffers())) == {"qweight", "zeros"}
+
+
+def test_decoded_weight_cache_follows_changes_and_training():
+    layer, _ = make_layer(bias=False)
+    x = torch.randn(4, 40)
+    before = layer(x)
+    with torch.no_grad():
+        layer.scales.mul_(2)  # an in-place change must not be hidden by the cache
+    torch.testing.assert_close(layer(x), 2 * before, rtol=1e-3, atol=1e-3)
+    layer.scales.requires_grad_(True)  # training decodes afresh so gradients reach the scales
+    layer(x).sum().backward()
+    assert layer.scales.grad is not None and layer.scales.grad.abs().sum() > 0
+
+
+def test_rebuilt_from_its_layer_config_and_tensors():
+    layer, _ = make_layer()
+    copy = quantized_linear_from_config(layer.layer_config(), layer.tensors(), layer.bias)
+    x = torch.randn(2, 40)
+    assert torch.equal(copy(x), layer(x))
