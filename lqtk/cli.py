@@ -19,6 +19,7 @@ from lqtk.data import TextDataModule, default_split
 from lqtk.errors import LqtkError
 from lqtk.evaluate import perplexity
 from lqtk.export import ExportQuantized, bits_per_weight
+from lqtk.export.callback import EVAL_BATCH_SIZE
 from lqtk.models import REFERENCE_MODELS, load_causal_lm, prepare_model, resolve_model
 
 
@@ -58,7 +59,7 @@ def evaluate_command(args: list[str]) -> None:
     parser.add_argument("--text", nargs="+", help="Text files (default: the default corpus's evaluation plays).")
     parser.add_argument("--output", required=True, help="JSON file to write.")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     parser.add_argument("--bos", action="store_true", help="Start each window with the BOS token.")
     opts = parser.parse_args(args)
     data = TextDataModule(tokenizer=opts.model, evaluation_files=opts.text or default_split()[1],

@@ -2,8 +2,14 @@
 papers: the text joined and tokenized once, cut into non-overlapping windows of seq_len tokens, every window
 scored independently with no context carried over; each window's first token is only context)."""
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
 from torchmetrics.text import Perplexity
+
+from lqtk.models import cache_dir
 
 
 @torch.no_grad()
@@ -16,3 +22,17 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         logits = model(batch, use_cache=False).logits.float()
         metric.update(logits[:, :-1].cpu(), batch[:, 1:].cpu())
     return metric.compute().item(), windows.shape[0] * (windows.shape[1] - 1)
+
+
+def fp_perplexity(model: torch.nn.Module, model_dir: Path, windows: torch.Tensor, batch_size: int) -> float:
+    """`perplexity` of an unquantized model, remembered in the cache folder by (weights files, windows): every
+    recipe of a table shares the fp model and evaluation split, and its evaluation costs about a minute."""
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.glob("*.safetensors"))
+    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), files]).encode() + windows.numpy().tobytes())
+    cache = cache_dir() / "fp_perplexity" / f"{key.hexdigest()[:32]}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["perplexity"]
+    ppl, _ = perplexity(model, windows, batch_size)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"perplexity": ppl, "model": str(model_dir)}))
+    return ppl

@@ -5,9 +5,9 @@ import json
 import subprocess
 
 import pytest
-from conftest import LQTK, REPO
 from safetensors.torch import load_file, save_file
 
+from conftest import LQTK, REPO
 from lqtk.cli import main
 from lqtk.models import build_tiny_llama
 

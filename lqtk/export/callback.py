@@ -17,9 +17,11 @@ from lightning import Callback
 from transformers import AutoTokenizer
 
 from lqtk.errors import LqtkError
-from lqtk.evaluate import perplexity
+from lqtk.evaluate import fp_perplexity, perplexity
 from lqtk.export.format import bits_per_weight, quantized_layers, save_quantized
 from lqtk.models import load_causal_lm, resolve_model
+
+EVAL_BATCH_SIZE = 2  # windows per forward in evaluation: the logits of a 49k vocabulary are 100 MB per window
 
 
 class ExportQuantized(Callback):
@@ -48,6 +50,8 @@ class ExportQuantized(Callback):
         if self.model_dir.exists() and not self.overwrite:
             raise LqtkError(f"{self.model_dir} already holds a finished export: choose another output folder "
                             "(trainer.default_root_dir) or pass --overwrite true to replace it")
+        for stale in self.dirpath.glob(".export-*"):  # left by a run killed while exporting
+            shutil.rmtree(stale, ignore_errors=True)
 
     def state_dict(self) -> dict:
         return {"fp_perplexity": self.fp_perplexity}
@@ -57,12 +61,14 @@ class ExportQuantized(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.evaluate and self.fp_perplexity is None:  # measured before the first block is quantized
-            self.fp_perplexity, _ = self._perplexity(pl_module.model, trainer)
+            model_dir = resolve_model(pl_module.model_path)
+            self.fp_perplexity = self._on_device(pl_module.model, trainer, fp_perplexity, model_dir)
 
-    def _perplexity(self, model, trainer) -> tuple[float, int]:
+    def _on_device(self, model, trainer, evaluate, *args):
+        """Run `evaluate` on the evaluation windows with the model on the trainer's device (then back on CPU)."""
         model.to(trainer.strategy.root_device)
         try:
-            return perplexity(model, trainer.datamodule.evaluation_windows(), trainer.datamodule.batch_size)
+            return evaluate(model, *args, trainer.datamodule.evaluation_windows(), EVAL_BATCH_SIZE)
         finally:
             model.to("cpu")
 
@@ -104,7 +110,7 @@ class ExportQuantized(Callback):
             "quantize_time_s": pl_module.quantize_time_s,
         }
         if self.evaluate:
-            ppl, tokens = self._perplexity(model, trainer)
+            ppl, tokens = self._on_device(model, trainer, perplexity)
             data = trainer.datamodule
             metrics.update(perplexity=ppl, fp_perplexity=self.fp_perplexity, ratio_to_fp=ppl / self.fp_perplexity,
                            tokens=tokens, seq_len=data.seq_len, bos=data.bos)

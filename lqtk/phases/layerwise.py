@@ -136,7 +136,7 @@ class LayerwiseCalibration(LightningModule):
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()
         self.block.to(self.device)
-        self.hessians: dict[str, tuple[torch.Tensor, int]] = {}
+        self.hessian: tuple[torch.Tensor, int] | None = None  # (H, tokens) of the group being calibrated
 
     def _batch(self, index: int) -> tuple[slice, torch.Tensor, dict]:
         size = self.trainer.datamodule.batch_size
@@ -153,7 +153,7 @@ class LayerwiseCalibration(LightningModule):
         self._report(f"calibrating {', '.join(names)}")
         if self.quantizer.needs_hessian:
             _, hidden, kwargs = self._batch(batch_index)
-            self._accumulate_hessians(hidden, kwargs, names)
+            self._accumulate_hessian(hidden, kwargs, names)
 
     @torch.no_grad()
     def on_train_epoch_end(self) -> None:
@@ -178,32 +178,30 @@ class LayerwiseCalibration(LightningModule):
         if isinstance(bar, BlockProgressBar):
             bar.show(self)
 
-    def _accumulate_hessians(self, hidden: torch.Tensor, kwargs: dict, names: list[str]) -> None:
-        modules = dict(self.block.named_modules())
-        pending = set(names)
+    def _accumulate_hessian(self, hidden: torch.Tensor, kwargs: dict, names: list[str]) -> None:
+        """Add this batch to the group's Hessian. The Linears of a group share their input, so they share H: the
+        hook on the first one accumulates it and stops the forward there."""
+        def hook(module, args):
+            if self.hessian is None:
+                self.hessian = (torch.zeros(module.in_features, module.in_features, device=self.device), 0)
+            hessian, count = self.hessian
+            self.hessian = (hessian, accumulate_hessian(hessian, count, args[0]))
+            raise _StopForward
 
-        def hook(module, args, name):
-            hessian, count = self.hessians.get(name) or (torch.zeros(module.in_features, module.in_features,
-                                                                      device=self.device), 0)
-            self.hessians[name] = (hessian, accumulate_hessian(hessian, count, args[0]))
-            pending.discard(name)
-            if not pending:
-                raise _StopForward
-
-        handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
+        handle = self.block.get_submodule(names[0]).register_forward_pre_hook(hook)
         try:
             self.block(hidden, **kwargs)
         except _StopForward:
             pass
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
 
     def _quantize_group(self, names: list[str]) -> None:
         prefix = self._block_prefix()
+        hessian = self.hessian[0] if self.hessian else None
+        self.hessian = None
         for name in names:
             linear = self.block.get_submodule(name)
-            hessian = self.hessians.pop(name, (None, 0))[0]
             self._report(f"quantizing {name}")
             weight = self.quantizer.quantize(linear.weight.detach(), hessian)
             quantized = QuantizedLinear(weight, linear.bias).to(self.device)
@@ -231,6 +229,7 @@ class LayerwiseCalibration(LightningModule):
             "inputs": self.inputs,
             "quantize_time_s": self.quantize_time_s,
             "layer_errors": self.layer_errors,
+            "rng": torch.random.get_rng_state(),  # for methods that draw random numbers (k-means init, rotations)
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -250,6 +249,7 @@ class LayerwiseCalibration(LightningModule):
         self.inputs = state["inputs"]
         self.quantize_time_s = state["quantize_time_s"]
         self.layer_errors = state["layer_errors"]
+        torch.random.set_rng_state(state["rng"])
 
 
 def relative_output_error(weight: torch.Tensor, quantized: QuantizedLinear, hessian: torch.Tensor | None) -> float:

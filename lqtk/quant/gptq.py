@@ -9,6 +9,7 @@ group's weights as updated so far.
 """
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,16 +21,17 @@ from lqtk.quant.primitives import group_starts, quantize_affine
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, damp_increment: float, max_damp: float = 1.0):
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H). A non positive-definite H raises the
-    damping by `damp_increment` and retries (with a warning) up to `max_damp`."""
+    """Upper-triangular U with UᵀU = (H + λI)⁻¹, λ = damp · mean(diag H). A non positive-definite H raises the
+    damping by `damp_increment` and retries (with a warning) up to `max_damp`.
+
+    U is the inverse of the upper factor R of H = R Rᵀ, which is the Cholesky factor of H in reversed index order:
+    one Cholesky and one triangular inverse, without forming H⁻¹ (3-4x faster than inverting then factoring)."""
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     mean_diag = hessian.diagonal().mean()
     while damp <= max_damp:
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        reversed_lower, info = torch.linalg.cholesky_ex((hessian + damp * mean_diag * eye).flip(0, 1))
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0:
-                return upper
+            return torch.linalg.solve_triangular(reversed_lower.flip(0, 1), eye, upper=True)
         warnings.warn(f"GPTQ: Hessian is not positive definite with damp={damp:.3f}; retrying with more damping")
         damp += damp_increment
     raise LqtkError(
@@ -58,6 +60,19 @@ class GPTQ(AffineQuantizer):
         return self.pack("gptq", codes, scales, zeros)
 
 
+@contextmanager
+def one_cpu_thread():
+    """The column loop issues thousands of tiny ops; with several intra-op CPU threads their synchronisation costs
+    more than the work (10-50x slower when the cores are shared with another process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_cpu_thread()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
     """Quantize weight (O, I) given H (I, I). Returns codes (O, I), scales (O, G), zeros (O, G)."""
     W = weight.float().clone()

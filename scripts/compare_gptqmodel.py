@@ -1,0 +1,97 @@
+"""lqtk against GPTQModel 7.6.0 on the reference model, side by side in one run.
+
+    .venv/bin/python scripts/compare_gptqmodel.py [--update-readme]
+
+GPTQModel is installed in its own venv (.venv-gptqmodel, by scripts/gptqmodel_env.sh: it pins numpy 2.2.6) and
+quantizes with act-order, symmetric and asymmetric, at w4g128 and w3g128, on exactly the calibration windows lqtk's
+recipes use (64 x 512 tokens of the calibration plays, seed 0), with its own defaults otherwise. Its checkpoints are
+dequantized exactly to fp32 folders (scripts/gptqmodel_quantize.py) so both toolkits' models are scored by the same
+code (`lqtk evaluate`, the default evaluation split). Bits/weight count every stored tensor; quantize time is the
+quantization call alone for GPTQModel and the calibration phase alone for lqtk, each measured here."""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "runs" / "compare"
+GPTQMODEL_PYTHON = REPO / ".venv-gptqmodel" / "bin" / "python"
+BEGIN, END = "<!-- gptqmodel-comparison:begin -->", "<!-- gptqmodel-comparison:end -->"
+
+
+def run(cmd: list[str]) -> str:
+    print("$", " ".join(map(str, cmd)), flush=True)
+    return subprocess.run(list(map(str, cmd)), cwd=REPO, check=True, capture_output=True, text=True).stdout
+
+
+def lqtk_recipe(recipe: str) -> dict:
+    run_dir = OUT / f"lqtk-{recipe}"
+    run([sys.executable, "-m", "lqtk.cli", "fit", "--config", REPO / "configs" / "smollm2-135m" / f"{recipe}.yaml",
+         "--trainer.default_root_dir", run_dir, "--overwrite", "true"])
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {"perplexity": m["perplexity"], "fp": m["fp_perplexity"], "bits_per_weight": m["bits_per_weight"],
+            "quantize_time_s": m["quantize_time_s"]}
+
+
+def gptqmodel(model_dir: Path, windows: Path, bits: int, symmetric: bool) -> dict:
+    out = OUT / f"gptqmodel-w{bits}g128-{'sym' if symmetric else 'asym'}"
+    stdout = run([GPTQMODEL_PYTHON, REPO / "scripts" / "gptqmodel_quantize.py", "--model", model_dir,
+                  "--windows", windows, "--bits", bits, "--group-size", 128, "--sym" if symmetric else "--asym",
+                  "--act-order", "--out", out])
+    result = json.loads(stdout.strip().splitlines()[-1])
+    run([sys.executable, "-m", "lqtk.cli", "evaluate", "--model", out / "dequantized", "--output", out / "eval.json"])
+    ppl = json.loads((out / "eval.json").read_text())["perplexity"]
+    return {"perplexity": ppl, "bits_per_weight": result["bits_per_weight"],
+            "quantize_time_s": result["quantize_time_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    subprocess.run(["bash", REPO / "scripts" / "gptqmodel_env.sh"], cwd=REPO, check=True)
+
+    from lqtk.data import TextDataModule
+    from lqtk.models import prepare_model
+
+    model_dir = prepare_model("smollm2-135m")
+    OUT.mkdir(parents=True, exist_ok=True)
+    windows = OUT / "calibration_windows.pt"
+    torch.save(TextDataModule(tokenizer="smollm2-135m", seq_len=512, num_calibration_windows=64, seed=0)
+               .calibration_windows(), windows)  # the recipes' data settings
+
+    rows = []
+    for bits in (4, 3):
+        for symmetric in (True, False):
+            rows.append((f"GPTQModel 7.6.0 w{bits}g128 {'sym' if symmetric else 'asym'} act-order",
+                         gptqmodel(model_dir, windows, bits, symmetric)))
+        for recipe in [f"gptq-w{bits}g128"] + (["gptq-w3g128-mse"] if bits == 3 else []):
+            rows.append((f"lqtk {recipe}", lqtk_recipe(recipe)))
+    fp = next(r["fp"] for _, r in rows if "fp" in r)
+    lines = [f"fp32 perplexity {fp:.3f}; same calibration windows, same evaluation code, same machine, one run.", "",
+             "| model | bits/weight | perplexity | × fp | quantize time (s) |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} | {r['perplexity'] / fp:.3f} "
+              f"| {r['quantize_time_s']:.0f} |" for name, r in rows]
+    for bits in (4, 3):
+        best = min((r for name, r in rows if name.startswith(f"GPTQModel 7.6.0 w{bits}")),
+                   key=lambda r: r["perplexity"])
+        for name, r in rows:
+            if name.startswith(f"lqtk gptq-w{bits}"):
+                lines.append(f"\n{name} vs GPTQModel's better w{bits}g128 setting: perplexity × "
+                             f"{r['perplexity'] / best['perplexity']:.3f}, quantize time × "
+                             f"{r['quantize_time_s'] / best['quantize_time_s']:.2f}")
+    text = "\n".join(lines)
+    print(text)
+    if args.update_readme:
+        readme = REPO / "README.md"
+        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+        readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", readme.read_text()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Every recipe parses against the CLI's signatures and instantiates its phase, quantizer and data module."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from lqtk.cli import LqtkCLI
+from lqtk.data import TextDataModule
+from lqtk.phases import LayerwiseCalibration
+from lqtk.quant import WeightQuantizer
+
+RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_there_are_recipes_for_every_method_and_width():
+    names = {p.stem for p in RECIPES}
+    assert {"rtn-w4g128", "rtn-w3g128", "rtn-w2g64", "gptq-w4g128", "gptq-w3g128", "gptq-w2g64",
+            "gptq-w3g128-mse", "gptq-tiny"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_recipe_instantiates(recipe: Path, tmp_path):
+    cli = LqtkCLI(datamodule_class=TextDataModule, subclass_mode_model=True, run=False,
+                  auto_configure_optimizers=False, args=["--config", str(recipe),
+                                                         "--trainer.default_root_dir", str(tmp_path)])
+    assert isinstance(cli.model, LayerwiseCalibration) and isinstance(cli.model.quantizer, WeightQuantizer)
+    assert cli.datamodule.tokenizer == cli.model.model_path  # linked
+    assert recipe.stem.startswith(type(cli.model.quantizer).__name__.lower())
+    assert all(line.strip().startswith("#") or "#" in line for line in recipe.read_text().splitlines()
+               if line.strip() and not line.strip().endswith(":")), "every key is commented"
