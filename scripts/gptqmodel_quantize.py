@@ -85,7 +85,8 @@ def dequantize(tensors: dict, prefix: str, bits: int, zero_offset: int) -> torch
     scales = tensors[f"{prefix}.scales"].float()  # [G, O]
     g_idx = tensors[f"{prefix}.g_idx"].long()  # [I]
     codes = unpack_rows(tensors[f"{prefix}.qweight"], bits, g_idx.numel())  # [I, O]
-    zeros = unpack_rows(tensors[f"{prefix}.qzeros"].T, bits, scales.shape[1]).T + zero_offset  # [G, O]
+    # The v1 offset wraps: a zero point of 0 is stored as 2^bits - 1 (GPTQModel's own v1 -> v2 load agrees).
+    zeros = (unpack_rows(tensors[f"{prefix}.qzeros"].T, bits, scales.shape[1]).T + zero_offset) % (1 << bits)  # [G, O]
     return (scales[g_idx] * (codes - zeros[g_idx]).float()).T.contiguous()
 
 
@@ -104,7 +105,7 @@ def write_dequantized(args, out_dir: str) -> tuple[float, bool]:
     """Write the fp32 dequantized model to out_dir; return (bits per quantized weight, whether g_idx was counted)."""
     with open(os.path.join(args.out, "config.json")) as f:
         qcfg = json.load(f)["quantization_config"]
-    # v1 ("gptq") stores zp - 1 in qzeros, v2 stores zp itself.
+    # v1 ("gptq") stores (zp - 1) mod 2^bits in qzeros, v2 stores zp itself.
     zero_offset = {"gptq": 1, "gptq_v2": 0}[qcfg.get("checkpoint_format", qcfg.get("format"))]
     bits = qcfg["bits"]
     # Without act-order g_idx[i] = i // group_size is implied, so only act-order checkpoints need it stored.

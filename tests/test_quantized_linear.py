@@ -1,8 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from lqtk.export.format import quantized_linear_from_config
-from lqtk.nn import QuantizedLinear
+from lqtk.nn import QuantizedLinear, quantized_linear_from_config
 from lqtk.quant import RTN
 
 

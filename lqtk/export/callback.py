@@ -18,8 +18,9 @@ from transformers import AutoTokenizer
 
 from lqtk.errors import LqtkError
 from lqtk.evaluate import fp_perplexity, perplexity
-from lqtk.export.format import bits_per_weight, quantized_layers, save_quantized
+from lqtk.export.format import bits_per_weight, save_quantized
 from lqtk.models import load_causal_lm, resolve_model
+from lqtk.nn import quantized_layers
 
 EVAL_BATCH_SIZE = 2  # windows per forward in evaluation: the logits of a 49k vocabulary are 100 MB per window
 

@@ -20,24 +20,11 @@ from safetensors.torch import load_file, save_model
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from lqtk.errors import LqtkError
-from lqtk.nn import QuantizedLinear, set_submodule
-from lqtk.quant.base import FORMATS, QuantizedWeight, storage_bits
+from lqtk.nn import quantized_layers, quantized_linear_from_config, set_submodule
+from lqtk.quant.base import storage_bits
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
-
-
-def quantized_linear_from_config(config: dict, tensors: dict, bias: torch.Tensor | None) -> QuantizedLinear:
-    config = dict(config)
-    method, format_name = config.pop("method"), config.pop("format")
-    if format_name not in FORMATS:
-        raise LqtkError(f"unknown weight format {format_name!r}: this export needs a newer lqtk")
-    tensors = {name: t.detach().clone() for name, t in tensors.items()}
-    return QuantizedLinear(QuantizedWeight(method, format_name, config, tensors), bias)
-
-
-def quantized_layers(model: torch.nn.Module) -> dict[str, QuantizedLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
 def bits_per_weight(model: torch.nn.Module) -> float | None:

@@ -1,3 +1,3 @@
-from lqtk.nn.quantized_linear import QuantizedLinear, set_submodule
+from lqtk.nn.quantized_linear import QuantizedLinear, quantized_layers, quantized_linear_from_config, set_submodule
 
-__all__ = ["QuantizedLinear", "set_submodule"]
+__all__ = ["QuantizedLinear", "quantized_layers", "quantized_linear_from_config", "set_submodule"]

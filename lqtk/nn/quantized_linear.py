@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lqtk.errors import LqtkError
 from lqtk.quant.base import FORMATS, QuantizedWeight, WeightFormat
 
 
@@ -51,6 +52,10 @@ class QuantizedLinear(nn.Module):
             self._dense = (key, FORMATS[self.format].dequantize(tensors, self.spec))
         return self._dense[1]
 
+    def _apply(self, fn, recurse=True):
+        self._dense = None  # a decoded copy must not outlive a move to another device or dtype
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, {self.spec}"
 
@@ -58,3 +63,17 @@ class QuantizedLinear(nn.Module):
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def quantized_linear_from_config(config: dict, tensors: dict, bias: torch.Tensor | None) -> QuantizedLinear:
+    """Rebuild a layer from its `layer_config()` and tensors (an export or a checkpoint)."""
+    config = dict(config)
+    method, format_name = config.pop("method"), config.pop("format")
+    if format_name not in FORMATS:
+        raise LqtkError(f"unknown weight format {format_name!r}: this model needs a newer lqtk")
+    tensors = {name: t.detach().clone() for name, t in tensors.items()}
+    return QuantizedLinear(QuantizedWeight(method, format_name, config, tensors), bias)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}

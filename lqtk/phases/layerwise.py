@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, linear_layers, load_causal_lm
-from lqtk.nn import QuantizedLinear, set_submodule
+from lqtk.nn import QuantizedLinear, quantized_layers, quantized_linear_from_config, set_submodule
 from lqtk.quant.base import WeightQuantizer, accumulate_hessian
 
 
@@ -219,13 +219,11 @@ class LayerwiseCalibration(LightningModule):
         return {"model": str(self.model_path), "quantizer": quantizer, "sequential": self.sequential,
                 "skip": list(self.skip), "data": dict(self.trainer.datamodule.hparams)}
 
-    def quantized_layers(self) -> dict[str, QuantizedLinear]:
-        return {name: m for name, m in self.model.named_modules() if isinstance(m, QuantizedLinear)}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        layers = quantized_layers(self.model)
         checkpoint["lqtk"] = {
             "identity": self.identity(),
-            "layers": {name: (m.layer_config(), m.tensors(), m.bias) for name, m in self.quantized_layers().items()},
+            "layers": {name: (m.layer_config(), m.tensors(), m.bias) for name, m in layers.items()},
             "inputs": self.inputs,
             "quantize_time_s": self.quantize_time_s,
             "layer_errors": self.layer_errors,
@@ -242,8 +240,6 @@ class LayerwiseCalibration(LightningModule):
             changed = sorted(k for k in ours if state["identity"].get(k) != ours[k])
             raise LqtkError(f"the checkpoint belongs to another run (different {', '.join(changed)}): resume with "
                             "the recipe that wrote it, or use another trainer.default_root_dir for this one")
-        from lqtk.export.format import quantized_linear_from_config
-
         for name, (config, tensors, bias) in state["layers"].items():
             set_submodule(self.model, name, quantized_linear_from_config(config, tensors, bias))
         self.inputs = state["inputs"]
