@@ -150,8 +150,8 @@ class TextDataModule(LightningDataModule):
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer))
             if self.dataset is not None:
                 hub_split = {"calibration": "train", "evaluation": "test"}[split]
-                texts = load_dataset(self.dataset, self.dataset_config, split=hub_split)["text"]
-                tokens = tokenize_documents(["".join(texts)], tokenizer)
+                rows = load_dataset(self.dataset, self.dataset_config, split=hub_split)["text"]
+                tokens = tokenize_documents(["\n\n".join(rows)], tokenizer)  # as GPTQ joins WikiText-2
             else:
                 calibration, evaluation = self.calibration_files, self.evaluation_files
                 if not (calibration and evaluation):

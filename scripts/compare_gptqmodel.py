@@ -4,7 +4,8 @@
 
 GPTQModel is installed in its own venv (.venv-gptqmodel, by scripts/gptqmodel_env.sh: it pins numpy 2.2.6) and
 quantizes with act-order, symmetric and asymmetric, at w4g128 and w3g128, on exactly the calibration windows lqtk's
-recipes use (64 x 512 tokens of the calibration plays, seed 0), with its own defaults otherwise. Its checkpoints are
+recipes use (64 x 512 tokens of the calibration plays, seed 0), with its own defaults otherwise (damp 0.05 with
+auto-increment, true-sequential, and on CPU its default working dtype, bfloat16). Its checkpoints are
 dequantized exactly to fp32 folders (scripts/gptqmodel_quantize.py) so both toolkits' models are scored by the same
 code (`lqtk evaluate`, the default evaluation split). Bits/weight count every stored tensor; quantize time is the
 quantization call alone for GPTQModel and the calibration phase alone for lqtk, each measured here."""
