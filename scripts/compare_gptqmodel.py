@@ -12,17 +12,16 @@ quantization call alone for GPTQModel and the calibration phase alone for lqtk, 
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from readme_section import update_readme_section
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "runs" / "compare"
 GPTQMODEL_PYTHON = REPO / ".venv-gptqmodel" / "bin" / "python"
-BEGIN, END = "<!-- gptqmodel-comparison:begin -->", "<!-- gptqmodel-comparison:end -->"
 
 
 def run(cmd: list[str]) -> str:
@@ -89,9 +88,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.update_readme:
-        readme = REPO / "README.md"
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", readme.read_text()))
+        update_readme_section("gptqmodel-comparison", text)
 
 
 if __name__ == "__main__":

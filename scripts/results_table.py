@@ -8,14 +8,14 @@ the calibration phase alone. With --update-readme the table replaces the one bet
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+from readme_section import update_readme_section
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["rtn-w4g128", "gptq-w4g128", "rtn-w3g128", "gptq-w3g128", "gptq-w3g128-mse", "rtn-w2g64", "gptq-w2g64"]
-BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
 
 
 def run_recipe(recipe: str) -> dict:
@@ -48,9 +48,7 @@ def main() -> None:
     text = table(rows)
     print(text)
     if args.update_readme:
-        readme = REPO / "README.md"
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", readme.read_text()))
+        update_readme_section("results-table", text)
 
 
 if __name__ == "__main__":
