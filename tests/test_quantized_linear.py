@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +42,15 @@ def test_rebuilt_from_its_layer_config_and_tensors():
     copy = quantized_linear_from_config(layer.layer_config(), layer.tensors(), layer.bias)
     x = torch.randn(2, 40)
     assert torch.equal(copy(x), layer(x))
+
+
+def test_bits_per_weight_counts_codes_scales_and_zeros():
+    from lqtk.export.format import bits_per_weight
+
+    model = torch.nn.Sequential(QuantizedLinear(RTN(bits=4, group_size=128).quantize(torch.randn(576, 576))),
+                                QuantizedLinear(RTN(bits=3, group_size=128, symmetric=True)
+                                                .quantize(torch.randn(64, 576))))
+    # 576 inputs = 5 groups (4 x 128 + 64). Asymmetric 4-bit: codes, 5 fp16 scales, 5 packed 4-bit zeros (1 word)
+    # per row; symmetric 3-bit: codes (54 words) and 5 fp16 scales per row, no zeros.
+    expected = (576 * (576 * 4 + 5 * 16 + 32) + 64 * (54 * 32 + 5 * 16)) / (576 * 576 + 64 * 576)
+    assert bits_per_weight(model) == pytest.approx(expected)
