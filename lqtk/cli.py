@@ -17,9 +17,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from lqtk.data import TextDataModule, default_split
 from lqtk.errors import LqtkError
-from lqtk.evaluate import perplexity
+from lqtk.evaluate import EVAL_BATCH_SIZE, perplexity
 from lqtk.export import ExportQuantized, bits_per_weight
-from lqtk.export.callback import EVAL_BATCH_SIZE
 from lqtk.models import REFERENCE_MODELS, load_causal_lm, prepare_model, resolve_model
 
 

@@ -11,9 +11,11 @@ from torchmetrics.text import Perplexity
 
 from lqtk.models import cache_dir
 
+EVAL_BATCH_SIZE = 2  # windows per forward: the logits of a 49k vocabulary are 100 MB per window of 512
+
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, int]:
     """(perplexity, number of predicted tokens) of `model` on `windows` (n, seq_len)."""
     metric = Perplexity()
     device = next(model.parameters()).device

@@ -17,12 +17,10 @@ from lightning import Callback
 from transformers import AutoTokenizer
 
 from lqtk.errors import LqtkError
-from lqtk.evaluate import fp_perplexity, perplexity
+from lqtk.evaluate import EVAL_BATCH_SIZE, fp_perplexity, perplexity
 from lqtk.export.format import bits_per_weight, save_quantized
 from lqtk.models import load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers
-
-EVAL_BATCH_SIZE = 2  # windows per forward in evaluation: the logits of a 49k vocabulary are 100 MB per window
 
 
 class ExportQuantized(Callback):
