@@ -6,7 +6,8 @@ named tensors plus a JSON-able `spec` that tells its storage `format` how to tur
 how to run the matmul directly). New methods add a format with `register_format` and need no change elsewhere.
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +38,14 @@ def register_format(cls: type[WeightFormat]) -> type[WeightFormat]:
 
 @dataclass
 class QuantizedWeight:
-    """A quantized (O, I) weight: `tensors` decoded by `FORMATS[format]` with `spec`; `method` made it."""
+    """A quantized (O, I) weight: `tensors` decoded by `FORMATS[format]` with `spec`; `method` made it. `history`
+    holds what an iterative method wants reported (e.g. its objective per round); it is not part of the export."""
 
     method: str
     format: str
     spec: dict
     tensors: dict[str, torch.Tensor]
+    history: dict[str, list[float]] = field(default_factory=dict)
 
     def dequantize(self) -> torch.Tensor:
         return FORMATS[self.format].dequantize(self.tensors, self.spec)
@@ -59,7 +62,9 @@ class WeightQuantizer:
     #: whether `quantize` needs the calibration Hessian (RTN does not; the phase then skips collecting it)
     needs_hessian: bool = True
 
-    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None,
+                 progress: Callable[[str], None] | None = None) -> QuantizedWeight:
+        """`progress(status)` is called by long-running methods to say where they are (shown by the phase)."""
         raise NotImplementedError
 
 

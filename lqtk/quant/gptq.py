@@ -53,7 +53,7 @@ class GPTQ(AffineQuantizer):
     damp_increment: float = 0.01
     """How much `damp` grows on each retry when the damped Hessian is still not positive definite."""
 
-    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None, progress=None) -> QuantizedWeight:
         if hessian is None:
             raise ValueError("GPTQ needs the calibration Hessian of the layer's inputs")
         codes, scales, zeros = gptq_quantize(weight, hessian, self)

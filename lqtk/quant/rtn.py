@@ -15,7 +15,7 @@ class RTN(AffineQuantizer):
 
     needs_hessian = False
 
-    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None, progress=None) -> QuantizedWeight:
         w = weight.float()
         in_features = w.shape[1]
         codes, scales, zeros = torch.empty_like(w, dtype=torch.int64), [], []
