@@ -1,11 +1,12 @@
 """Quantization methods as pure tensor code: no Lightning, no I/O."""
 
 from lqtk.quant.affine import AffineFormat, AffineQuantizer
+from lqtk.quant.aqlm import AQLM, AQLMFormat
 from lqtk.quant.base import FORMATS, QuantizedWeight, WeightFormat, WeightQuantizer, accumulate_hessian
 from lqtk.quant.gptq import GPTQ
 from lqtk.quant.rtn import RTN
 
 __all__ = [
-    "FORMATS", "GPTQ", "RTN", "AffineFormat", "AffineQuantizer", "QuantizedWeight", "WeightFormat",
-    "WeightQuantizer", "accumulate_hessian",
+    "AQLM", "FORMATS", "GPTQ", "RTN", "AQLMFormat", "AffineFormat", "AffineQuantizer", "QuantizedWeight",
+    "WeightFormat", "WeightQuantizer", "accumulate_hessian",
 ]
