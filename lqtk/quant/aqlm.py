@@ -67,15 +67,15 @@ class AQLM(WeightQuantizer):
     """Upper bound on (Adam, beam search) rounds."""
     relative_tolerance: float = 0.01
     """Stop when a round lowers the objective by less than this fraction."""
-    adam_steps: int = 30
+    adam_steps: int = 20
     """Adam steps on codebooks and scales per round (the authors' code: 100 at lr 1e-4; fewer, larger steps
-    reach the same objective sooner since the codes change between rounds anyway)."""
+    reach the same objective sooner: after the first rounds the code updates gain far more than Adam)."""
     lr: float = 1e-3
     """Adam learning rate."""
     phases: int = 8
     """Beam search re-codes the groups in this many interleaved sets, one set after another, all groups of a set
     at once (1: all groups at once, fastest but changes conflict; J: one group at a time)."""
-    code_sweeps: int = 1
+    code_sweeps: int = 2
     """Beam-search passes over all groups per round."""
     kmeans_iters: int = 30
     """Lloyd iterations of each codebook's k-means initialisation."""
@@ -194,6 +194,7 @@ def nearest(points, weights, centroids, chunk: int = 65536):
 
 
 # --- codebooks and scales: Adam with codes fixed ----------------------------------------------------------------
+@torch.enable_grad()  # callers (calibration phases) run under no_grad
 def train_codebooks(W, H, codes, codebooks, scales, config: AQLM):
     """`adam_steps` Adam steps on L over codebooks and scales. L's gradient with respect to Ŵ is 2 (Ŵ − W) H: one
     matmul per step, pushed through the decode by autograd (which would otherwise take two)."""
@@ -241,19 +242,20 @@ def propose(G, H_blocks, codes, codebooks, scales, beam_size: int, chunk: int = 
     out_features, groups, M = codes.shape
     K, g = codebooks.shape[1:]
     s = scales.view(-1, 1, 1, 1)
-    quads = torch.einsum("mkd,jde,mke->mjk", codebooks, H_blocks, codebooks)[:, None, :, None]  # C_kᵀ H_jj C_k
+    quads = torch.einsum("mkd,jde,mke->mjk", codebooks, H_blocks, codebooks)[:, :, None]  # C_kᵀ H_jj C_k, (M, J, 1, K)
     best_codes, best_delta = [], []
     for rows in torch.arange(out_features).split(max(1, chunk // (groups * beam_size * K))):
-        s_rows, G_rows = s[rows], G[rows, :, None]  # (o, 1, 1, 1), (o, J, 1, g)
+        s_rows, G_rows = s[rows], G[rows, :, None] / s[rows]  # (o, 1, 1, 1), (o, J, 1, g)
         beam = codes[rows].unsqueeze(2)  # (o, J, beam, M)
         offset = torch.zeros(len(rows), groups, 1, g)  # Σ codewords of a state − Σ codewords of the current codes
         for m in range(M):
             C = codebooks[m]  # (K, g)
             base = offset - C[beam[..., m]]  # the state without its codebook-m codeword
-            # ΔL(δ = s·(base + C_k)) = const + lin·C_k + s² C_kᵀ H_jj C_k
-            lin = 2 * s_rows**2 * torch.einsum("ojbd,jde->ojbe", base, H_blocks) - 2 * s_rows * G_rows
-            const = (base * (lin / 2 - s_rows * G_rows)).sum(-1, keepdim=True)
-            scores = const + lin @ C.T + s_rows**2 * quads[m]  # (o, J, beam, K)
+            # ΔL(δ = s·(base + C_k)) / s² = const + lin·C_k + C_kᵀ H_jj C_k  (dividing by s² > 0 keeps each row's order)
+            lin = 2 * torch.einsum("ojbd,jde->ojbe", base, H_blocks) - 2 * G_rows
+            const = (base * (lin / 2 - G_rows)).sum(-1, keepdim=True)
+            scores = torch.addmm(const.reshape(-1, 1), lin.reshape(-1, g), C.T).view(*base.shape[:3], K)
+            scores += quads[m]  # (o, J, beam, K)
             top = scores.flatten(2).topk(min(beam_size, scores[0, 0].numel()), dim=2, largest=False).indices
             parent, word = top // K, top % K
             beam = beam.gather(2, parent[..., None].expand(-1, -1, -1, M)).clone()

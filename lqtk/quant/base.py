@@ -62,6 +62,10 @@ class WeightQuantizer:
     #: whether `quantize` needs the calibration Hessian (RTN does not; the phase then skips collecting it)
     needs_hessian: bool = True
 
+    def check_fits(self, shape: tuple[int, int]) -> None:
+        """Raise an LqtkError proposing a setting that fits if this method cannot encode an (O, I) weight. The phase
+        checks every layer before it starts, so a bad setting fails in seconds, not after hours of calibration."""
+
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None,
                  progress: Callable[[str], None] | None = None) -> QuantizedWeight:
         """`progress(status)` is called by long-running methods to say where they are (shown by the phase)."""
