@@ -1,6 +1,7 @@
 """`lqtk`: a thin command line over LightningCLI (phases) and two utilities.
 
     lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml [--ckpt_path last] [--overwrite true]
+    lqtk chain configs/smollm2-135m/aqlm-2x8-g8.yaml configs/smollm2-135m/aqlm-2x8-g8-ft.yaml [--root DIR] [ARGS]
     lqtk prepare-model [smollm2-135m | tiny-llama]
     lqtk evaluate --model DIR [--text FILE ...] --output FILE.json
 """
@@ -8,11 +9,13 @@
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lqtk.data import TextDataModule, default_split
@@ -74,7 +77,47 @@ def evaluate_command(args: list[str]) -> None:
     print(json.dumps(result))
 
 
-COMMANDS = {"prepare-model": prepare_model_command, "evaluate": evaluate_command}
+def chain_command(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lqtk chain", description="Run phases one after another (e.g. calibrate, then fine-tune), each phase's "
+        "model being the previous phase's export. Finished phases (metrics.json written) are skipped and an "
+        "interrupted one resumes from its last checkpoint, so re-running the same command continues the chain.")
+    parser.add_argument("configs", nargs="+", help="Recipes, in order.")
+    parser.add_argument("--root", help="Put phase <recipe> in ROOT/<recipe> (default: each recipe's "
+                        "trainer.default_root_dir).")
+    opts, shared = parser.parse_known_args(args)  # the rest goes to every phase, e.g. --data.calibration_files
+    configs = [Path(config) for config in opts.configs]
+    for config in configs:  # all checked before the first phase starts
+        if not config.is_file():
+            raise LqtkError(f"recipe {config} does not exist: pass the YAML files of the chain's phases, in order")
+    run_dirs = [Path(opts.root) / config.stem if opts.root else Path(recipe_root_dir(config)) for config in configs]
+    previous_export = None
+    for config, run_dir in zip(configs, run_dirs):
+        phase = ["fit", "--config", str(config), "--trainer.default_root_dir", str(run_dir), *shared]
+        if previous_export is not None:
+            phase += ["--model.init_args.model", str(previous_export)]
+        previous_export = run_dir / "model"
+        if (run_dir / "metrics.json").exists():
+            print(f"lqtk chain: {config.stem} is finished ({run_dir}); skipped", flush=True)
+            continue
+        if (run_dir / "checkpoints" / "last.ckpt").exists():
+            phase += ["--ckpt_path", "last"]
+        if previous_export.exists():  # killed after the export was written but before its metrics
+            phase += ["--overwrite", "true"]
+        print(f"lqtk chain: {config.stem} → {run_dir}", flush=True)
+        if subprocess.run([sys.executable, "-m", "lqtk.cli", *phase]).returncode != 0:
+            raise LqtkError(f"phase {config.stem} failed (see above); fix it and run the same command again: finished "
+                            "phases are skipped and this one resumes from its last checkpoint")
+
+
+def recipe_root_dir(config: Path) -> str:
+    root = (yaml.safe_load(config.read_text()) or {}).get("trainer", {}).get("default_root_dir")
+    if root is None:
+        raise LqtkError(f"{config} sets no trainer.default_root_dir: set one, or give the chain --root DIR")
+    return root
+
+
+COMMANDS = {"prepare-model": prepare_model_command, "evaluate": evaluate_command, "chain": chain_command}
 
 
 def main(argv: list[str] | None = None) -> None:

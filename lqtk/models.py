@@ -134,5 +134,10 @@ def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
                     f"{model.config.num_hidden_layers} blocks")
 
 
+def block_output(output) -> torch.Tensor:
+    """The hidden states a decoder block returns (transformers < 5 returns a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def linear_layers(block: nn.Module, types=(nn.Linear,)) -> dict[str, nn.Module]:
     return {name: m for name, m in block.named_modules() if isinstance(m, types)}

@@ -14,10 +14,15 @@ from lqtk.models import build_tiny_llama
 DEBUG_RECIPE = str(REPO / "configs" / "debug" / "gptq-tiny.yaml")
 
 
-def recipe_args(corpus, run_dir, *extra):
-    return ["fit", "--config", DEBUG_RECIPE, "--trainer.default_root_dir", str(run_dir),
-            "--data.calibration_files", f"[{corpus['calibration']}]",
-            "--data.evaluation_files", f"[{corpus['evaluation']}]", *extra]
+def recipe_args(corpus, run_dir, *extra, recipe=DEBUG_RECIPE, command=("fit", "--config")):
+    """A phase (or, with command=("chain",), a chain of them) on the test corpus."""
+    return [*command, *([recipe] if isinstance(recipe, str) else recipe), "--trainer.default_root_dir",
+            str(run_dir), *corpus_args(corpus), *extra]
+
+
+def corpus_args(corpus):
+    return ["--data.calibration_files", f"[{corpus['calibration']}]",
+            "--data.evaluation_files", f"[{corpus['evaluation']}]"]
 
 
 def run_lqtk(*args, cwd):

@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO
 from lqtk.cli import LqtkCLI
 from lqtk.data import TextDataModule
-from lqtk.phases import LayerwiseCalibration
+from lqtk.phases import BlockFinetune, LayerwiseCalibration
 from lqtk.quant import WeightQuantizer
 
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
@@ -16,7 +16,8 @@ RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
 def test_there_are_recipes_for_every_method_and_width():
     names = {p.stem for p in RECIPES}
     assert {"rtn-w4g128", "rtn-w3g128", "rtn-w2g64", "gptq-w4g128", "gptq-w3g128", "gptq-w2g64",
-            "gptq-w3g128-mse", "gptq-tiny"} <= names
+            "gptq-w3g128-mse", "gptq-tiny", "aqlm-2x8-g8", "aqlm-2x8-g8-ft", "aqlm-3x8-g8-ft", "aqlm-tiny",
+            "aqlm-tiny-ft"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "configs")))
@@ -24,8 +25,12 @@ def test_recipe_instantiates(recipe: Path, tmp_path):
     cli = LqtkCLI(datamodule_class=TextDataModule, subclass_mode_model=True, run=False,
                   auto_configure_optimizers=False, args=["--config", str(recipe),
                                                          "--trainer.default_root_dir", str(tmp_path)])
-    assert isinstance(cli.model, LayerwiseCalibration) and isinstance(cli.model.quantizer, WeightQuantizer)
     assert cli.datamodule.tokenizer == cli.model.model_path  # linked
-    assert recipe.stem.startswith(type(cli.model.quantizer).__name__.lower())
+    if isinstance(cli.model, BlockFinetune):  # fine-tunes the export of the calibration recipe it is named after
+        calibration = recipe.stem.removesuffix("-ft")
+        assert cli.model.model_path == f"runs/{recipe.parent.name}/{calibration}/model"
+    else:
+        assert isinstance(cli.model, LayerwiseCalibration) and isinstance(cli.model.quantizer, WeightQuantizer)
+        assert recipe.stem.startswith(type(cli.model.quantizer).__name__.lower())
     assert all(line.strip().startswith("#") or "#" in line for line in recipe.read_text().splitlines()
                if line.strip() and not line.strip().endswith(":")), "every key is commented"

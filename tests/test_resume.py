@@ -1,5 +1,5 @@
-"""A calibration run killed with SIGKILL at an arbitrary moment, resumed with `--ckpt_path last`, exports exactly
-the weights of an uninterrupted run."""
+"""A phase killed with SIGKILL at an arbitrary moment, resumed with `--ckpt_path last`, exports exactly the weights of
+an uninterrupted run: GPTQ and AQLM calibration, and block fine-tuning."""
 
 import json
 import os
@@ -11,9 +11,11 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import LQTK
+from conftest import LQTK, REPO
 from lqtk.models import build_tiny_llama
 from test_cli import recipe_args, run_lqtk
+
+DEBUG = REPO / "configs" / "debug"
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +26,16 @@ def deep_model(tmp_path_factory):
     return path
 
 
-def walk_args(corpus, run_dir, model, *extra):
-    return recipe_args(corpus, run_dir, "--model.init_args.model", str(model), "--data.seq_len", "128",
-                       "--data.num_calibration_windows", "24", "--export.evaluate", "false", *extra)
+def walk_args(corpus, run_dir, recipe, *extra):
+    return recipe_args(corpus, run_dir, "--data.seq_len", "128", "--data.num_calibration_windows", "24",
+                       "--export.evaluate", "false", *extra, recipe=str(recipe))
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_gives_identical_export(corpus, deep_model, tmp_path):
+def kill_then_resume_matches(args, tmp_path):
+    """Run `args(run_dir, *extra)` to the end; run it again, SIGKILL it at a random moment after its first
+    checkpoint, resume with --ckpt_path last; the two exports must be bit-identical."""
     reference = tmp_path / "reference"
-    proc = run_lqtk(*walk_args(corpus, reference, deep_model), cwd=tmp_path)
+    proc = run_lqtk(*args(reference), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     killed = tmp_path / "killed"
@@ -41,8 +44,8 @@ def test_sigkill_then_resume_gives_identical_export(corpus, deep_model, tmp_path
     seed = int(os.environ.get("LQTK_KILL_SEED", time.time_ns() % 10_000))
     delay = random.Random(seed).uniform(0, 0.8 * walk_time)  # mostly mid-walk, sometimes during the export
     print(f"kill seed {seed}: SIGKILL {delay:.2f} s after the first checkpoint (walk takes {walk_time:.2f} s)")
-    child = subprocess.Popen([*LQTK, *walk_args(corpus, killed, deep_model)], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    child = subprocess.Popen([*LQTK, *args(killed)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -52,9 +55,27 @@ def test_sigkill_then_resume_gives_identical_export(corpus, deep_model, tmp_path
 
     print("killed before the export was complete" if not (killed / "model").exists() else "killed after the end")
     if not (killed / "model").exists():
-        proc = run_lqtk(*walk_args(corpus, killed, deep_model, "--ckpt_path", "last"), cwd=tmp_path)
+        proc = run_lqtk(*args(killed, "--ckpt_path", "last"), cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
     expected = load_file(reference / "model" / "model.safetensors")
     resumed = load_file(killed / "model" / "model.safetensors")
     assert expected.keys() == resumed.keys()
     assert all((expected[k] == resumed[k]).all() for k in expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["gptq-tiny", "aqlm-tiny"])
+def test_calibration_killed_then_resumed_gives_identical_export(recipe, corpus, deep_model, tmp_path):
+    kill_then_resume_matches(lambda run_dir, *extra: walk_args(
+        corpus, run_dir, DEBUG / f"{recipe}.yaml", "--model.init_args.model", str(deep_model), *extra), tmp_path)
+
+
+@pytest.mark.slow
+def test_block_finetune_killed_then_resumed_gives_identical_export(corpus, deep_model, tmp_path):
+    quantized = tmp_path / "quantized"
+    proc = run_lqtk(*walk_args(corpus, quantized, DEBUG / "gptq-tiny.yaml", "--model.init_args.model",
+                               str(deep_model), "--model.init_args.quantizer.init_args.bits", "2"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kill_then_resume_matches(lambda run_dir, *extra: walk_args(
+        corpus, run_dir, DEBUG / "aqlm-tiny-ft.yaml", "--model.init_args.model", str(quantized / "model"),
+        "--model.init_args.fp_model", str(deep_model), *extra), tmp_path)

@@ -2,6 +2,8 @@
 what the phase computed, evaluate it, and write `metrics.json` beside it.
 
     <dirpath>/model/         the export (see lqtk.export.format), renamed into place only once verified
+    <dirpath>/model-hf-aqlm/ with `hf_aqlm`: the same model in the Hugging Face AQLM layout (lqtk.export.hf_aqlm),
+                             verified by loading it with plain transformers + aqlm
     <dirpath>/metrics.json   method, bits_per_weight, perplexity, fp_perplexity, quantize_time_s, wall_time_s, ...
 """
 
@@ -19,8 +21,10 @@ from transformers import AutoTokenizer
 from lqtk.errors import LqtkError
 from lqtk.evaluate import EVAL_BATCH_SIZE, fp_perplexity, perplexity
 from lqtk.export.format import bits_per_weight, save_quantized
+from lqtk.export.hf_aqlm import save_hf_aqlm
 from lqtk.models import load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers
+from lqtk.quant import AQLM
 
 
 class ExportQuantized(Callback):
@@ -32,12 +36,14 @@ class ExportQuantized(Callback):
         evaluate: Measure fp and quantized perplexity on the datamodule's evaluation windows.
         verify_windows: Evaluation windows on which the reloaded export's logits must match the in-memory model.
         atol: Largest allowed absolute logit difference between the reloaded export and the in-memory model.
+        hf_aqlm: Also write `model-hf-aqlm/`, loadable by plain transformers with the `aqlm` package (AQLM only).
     """
 
     def __init__(self, dirpath: str, overwrite: bool = False, evaluate: bool = True, verify_windows: int = 2,
-                 atol: float = 1e-4):
+                 atol: float = 1e-4, hf_aqlm: bool = False):
         self.dirpath = Path(dirpath)
         self.overwrite, self.evaluate, self.verify_windows, self.atol = overwrite, evaluate, verify_windows, atol
+        self.writers = {"model": save_quantized} | ({"model-hf-aqlm": save_hf_aqlm} if hf_aqlm else {})
         self.fp_perplexity: float | None = None
 
     @property
@@ -46,9 +52,10 @@ class ExportQuantized(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.start = time.perf_counter()
-        if self.model_dir.exists() and not self.overwrite:
-            raise LqtkError(f"{self.model_dir} already holds a finished export: choose another output folder "
-                            "(trainer.default_root_dir) or pass --overwrite true to replace it")
+        for folder in self.writers:
+            if (self.dirpath / folder).exists() and not self.overwrite:
+                raise LqtkError(f"{self.dirpath / folder} already holds a finished export: choose another output "
+                                "folder (trainer.default_root_dir) or pass --overwrite true to replace it")
         for stale in self.dirpath.glob(".export-*"):  # left by a run killed while exporting
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -59,9 +66,15 @@ class ExportQuantized(Callback):
         self.fp_perplexity = state_dict["fp_perplexity"]
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if "model-hf-aqlm" in self.writers:  # refused now rather than after the whole phase
+            quantizer = getattr(pl_module, "quantizer", None)  # a calibration phase; a fine-tuning one has a model
+            formats = {m.format for m in quantized_layers(pl_module.model).values()}
+            if not isinstance(quantizer, AQLM) if quantizer is not None else formats != {"aqlm"}:
+                raise LqtkError("export.hf_aqlm needs an AQLM model: set export.hf_aqlm false, or quantize with "
+                                "lqtk.quant.AQLM")
         if self.evaluate and self.fp_perplexity is None:  # measured before the first block is quantized
-            model_dir = resolve_model(pl_module.model_path)
-            self.fp_perplexity = self._on_device(pl_module.model, trainer, fp_perplexity, model_dir)
+            fp_model, fp_model_path = pl_module.fp_reference()
+            self.fp_perplexity = self._on_device(fp_model, trainer, fp_perplexity, resolve_model(fp_model_path))
 
     def _on_device(self, model, trainer, evaluate, *args):
         """Run `evaluate` on the evaluation windows with the model on the trainer's device (then back on CPU)."""
@@ -78,18 +91,22 @@ class ExportQuantized(Callback):
         if not quantized_layers(model):
             raise LqtkError("the phase produced no quantized layer: check the recipe's `skip` list")
         self.dirpath.mkdir(parents=True, exist_ok=True)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(pl_module.model_path))
         with tempfile.TemporaryDirectory(dir=self.dirpath, prefix=".export-") as tmp:
-            tmp = Path(tmp) / "model"
-            save_quantized(model, tmp)
-            AutoTokenizer.from_pretrained(resolve_model(pl_module.model_path)).save_pretrained(tmp)
-            reloaded = load_causal_lm(tmp)
-            self._verify(model, reloaded, trainer)
-            metrics = self._metrics(pl_module, reloaded, trainer)
-            if self.model_dir.exists():  # only reached with overwrite: setup refused otherwise
-                shutil.rmtree(self.model_dir)
-            tmp.rename(self.model_dir)
+            for folder, write in self.writers.items():
+                write(model, Path(tmp) / folder)
+                tokenizer.save_pretrained(Path(tmp) / folder)
+                reloaded = load_causal_lm(Path(tmp) / folder)
+                self._verify(model, reloaded, trainer)
+                if folder == "model":
+                    metrics = self._metrics(pl_module, reloaded, trainer)
+            for folder in self.writers:  # every export verified: put them in place
+                if (self.dirpath / folder).exists():  # only reached with overwrite: setup refused otherwise
+                    shutil.rmtree(self.dirpath / folder)
+                (Path(tmp) / folder).rename(self.dirpath / folder)
         (self.dirpath / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in metrics.items() if k != "layer_errors"}, indent=2))
+        per_layer = set(pl_module.walk_metrics())
+        print(json.dumps({k: v for k, v in metrics.items() if k not in per_layer}, indent=2))
 
     @torch.no_grad()
     def _verify(self, model, reloaded, trainer) -> None:
@@ -102,9 +119,11 @@ class ExportQuantized(Callback):
                             "weight format: please report it")
 
     def _metrics(self, pl_module, model, trainer) -> dict:
+        identity = pl_module.identity()
         metrics = {
             "method": "+".join(sorted({layer.method for layer in quantized_layers(model).values()})),
-            "quantizer": pl_module.identity()["quantizer"],
+            "phase": type(pl_module).__name__,
+            **{key: identity[key] for key in ("quantizer", "block_tuning", "tuning") if key in identity},
             "bits_per_weight": bits_per_weight(model),
             "quantize_time_s": pl_module.quantize_time_s,
         }
@@ -115,6 +134,5 @@ class ExportQuantized(Callback):
                            tokens=tokens, seq_len=data.seq_len, bos=data.bos)
         metrics.update(wall_time_s=time.perf_counter() - self.start,
                        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                       model=str(pl_module.model_path), export=str(self.model_dir),
-                       layer_errors=pl_module.layer_errors)
+                       model=str(pl_module.model_path), export=str(self.model_dir), **pl_module.walk_metrics())
         return metrics

@@ -10,6 +10,7 @@
 
 Only the lqtk `aqlm` format maps onto it: HF AQLM has one (M, B, g) for the whole model and no other weight format."""
 
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +23,10 @@ from lqtk.errors import LqtkError
 from lqtk.export.format import WEIGHTS_NAME
 from lqtk.nn import quantized_layers
 from lqtk.quant.aqlm import unpack_codes
+
+# aqlm's CPU kernel for 8-bit codebooks (numba, imported on aqlm's first forward) gives wrong results on several
+# threads: verifying or evaluating an export in this process must use one
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 
 def save_hf_aqlm(model: PreTrainedModel, out: Path) -> None:

@@ -1,3 +1,5 @@
+from lqtk.phases.block_tuning import BlockTuning
+from lqtk.phases.finetune import BlockFinetune
 from lqtk.phases.layerwise import LayerwiseCalibration
 
-__all__ = ["LayerwiseCalibration"]
+__all__ = ["BlockFinetune", "BlockTuning", "LayerwiseCalibration"]

@@ -8,6 +8,9 @@ QuantizedLinears, so later groups calibrate on the outputs of the quantized ones
 quantized block gives block k+1's inputs. The training steps are the calibration batches of the first pass; the
 progress bar names the pass under way and extrapolates the time left for the whole walk.
 
+With `block_tuning`, each quantized block is then fine-tuned to reproduce the fp block's outputs on the same inputs
+(AQLM's recipe) before its outputs feed the next block.
+
 Checkpoints (one per block) hold only what the walk produced: the finished blocks' quantized tensors, the next
 block's inputs and the run's identity; `ckpt_path=last` resumes after the last finished block.
 """
@@ -16,25 +19,16 @@ import dataclasses
 import time
 
 import torch
-from lightning import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, linear_layers, load_causal_lm
 from lqtk.nn import QuantizedLinear, quantized_layers, quantized_linear_from_config, set_submodule
+from lqtk.phases.block_tuning import BlockTuning, tune_block
+from lqtk.phases.walk import BlockWalk, StopForward
 from lqtk.quant.base import WeightQuantizer, accumulate_hessian
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the Linears being calibrated have seen their inputs: the rest of the block is
-    not needed for this pass."""
-
-
-def _block_output(output):
-    return output[0] if isinstance(output, tuple) else output  # transformers < 5 returns a tuple
-
-
-class LayerwiseCalibration(LightningModule):
+class LayerwiseCalibration(BlockWalk):
     """Block-by-block post-training quantization of every Linear inside the decoder blocks.
 
     Args:
@@ -43,19 +37,18 @@ class LayerwiseCalibration(LightningModule):
         sequential: Calibrate each group of Linears on the outputs of the already quantized groups of the same
             block (true-sequential); if false, all Linears of a block calibrate on the fp block's activations.
         skip: Names (suffixes) of Linears inside the blocks to keep in full precision, e.g. `mlp.gate` of MoE routers.
+        block_tuning: If set, fine-tune each quantized block towards the fp block's outputs before moving on.
     """
 
-    def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None):
+    def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None,
+                 block_tuning: BlockTuning | None = None):
         super().__init__()
-        # No save_hyperparameters(): LightningCLI would let a checkpoint's hyperparameters override the recipe on
-        # resume; instead `identity()` is checkpointed and a mismatch is refused.
         self.model_path, self.quantizer, self.sequential = model, quantizer, sequential
         self.skip = tuple(skip or ())
-        self.automatic_optimization = False
-        self.inputs: torch.Tensor | None = None  # (N, T, D) inputs of the current block, on the CPU
-        self.quantize_time_s = 0.0
+        self.block_tuning = block_tuning
         self.layer_errors: dict[str, float] = {}  # relative output error of each quantized Linear
-        self.status = ""
+        self.layer_history: dict[str, dict] = {}  # what iterative methods report per layer (objective per round)
+        self.tuning_results: dict[str, dict] = {}  # per block: held-out error before and after fine-tuning
 
     # --- set-up -------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -63,44 +56,13 @@ class LayerwiseCalibration(LightningModule):
         # a time) nor checkpoint the fp weights.
         model = load_causal_lm(self.model_path)
         self.__dict__.update(model=model, blocks=decoder_blocks(model))
-        self.groups = self._sequential_groups()
-
-    def configure_optimizers(self):
-        return None
-
-    def configure_callbacks(self):
-        return [BlockProgressBar(), BlockCheckpoint()]
-
-    def on_fit_start(self) -> None:
-        self.trainer.fit_loop.max_epochs = len(self.blocks)  # the phase's length is the model's depth
-        start = time.perf_counter()
-        inputs, self.block_kwargs = self._capture_block_inputs(self.trainer.datamodule.train_dataloader())
-        if self.inputs is None:  # a fresh run; a resumed one has the next block's inputs from its checkpoint
-            self.inputs = inputs
-        self.quantize_time_s += time.perf_counter() - start
-
-    def _capture_block_inputs(self, batches) -> tuple[torch.Tensor, list[dict]]:
-        """Run each batch up to block 0 and keep what block 0 receives: hidden states and keyword arguments
-        (position embeddings, masks) per batch, to be replayed into every block."""
-        hidden, kwargs = [], []
-
-        def capture(module, args, block_kwargs):
-            hidden.append((args[0] if args else block_kwargs.pop("hidden_states")).cpu())
-            kwargs.append({k: v for k, v in block_kwargs.items() if k != "hidden_states"})
-            raise _StopForward
-
-        handle = self.blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            self.model.to(self.device)  # only the embedding runs; moved back below
-            for batch in batches:
+        for i, block in enumerate(self.blocks):
+            for name, linear in self._linears(block).items():
                 try:
-                    self.model(batch.to(self.device), use_cache=False)
-                except _StopForward:
-                    pass
-        finally:
-            handle.remove()
-            self.model.to("cpu")
-        return torch.cat(hidden), kwargs
+                    self.quantizer.check_fits(tuple(linear.weight.shape))
+                except LqtkError as err:
+                    raise LqtkError(f"{self.block_prefix(i)}{name}: {err}") from err
+        self.groups = self._sequential_groups()
 
     def _linears(self, block) -> dict:
         return {name: m for name, m in linear_layers(block).items() if not name.endswith(self.skip)}
@@ -129,19 +91,13 @@ class LayerwiseCalibration(LightningModule):
         return [[names for _, names in block_seen] for block_seen in seen]
 
     # --- the walk -----------------------------------------------------------------------------------------
-    @property
-    def block(self) -> torch.nn.Module:
-        return self.blocks[self.current_epoch]
-
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()
         self.block.to(self.device)
         self.hessian: tuple[torch.Tensor, int] | None = None  # (H, tokens) of the group being calibrated
-
-    def _batch(self, index: int) -> tuple[slice, torch.Tensor, dict]:
-        size = self.trainer.datamodule.batch_size
-        rows = slice(index * size, (index + 1) * size)
-        return rows, self.inputs[rows].to(self.device), self.block_kwargs[index]
+        if self.block_tuning is not None:
+            self.report("computing the fp block's outputs (fine-tuning targets)")
+            self.targets = self.block_outputs(self.block)
 
     @torch.no_grad()
     def training_step(self, batch, batch_idx) -> None:
@@ -150,9 +106,9 @@ class LayerwiseCalibration(LightningModule):
         self._calibrate(batch_idx, self.groups[self.current_epoch][0])
 
     def _calibrate(self, batch_index: int, names: list[str]) -> None:
-        self._report(f"calibrating {', '.join(names)}")
+        self.report(f"calibrating {', '.join(names)}")
         if self.quantizer.needs_hessian:
-            _, hidden, kwargs = self._batch(batch_index)
+            _, hidden, kwargs = self.batch(batch_index)
             self._accumulate_hessian(hidden, kwargs, names)
 
     @torch.no_grad()
@@ -163,20 +119,17 @@ class LayerwiseCalibration(LightningModule):
             for index in range(len(self.block_kwargs)):
                 self._calibrate(index, names)
             self._quantize_group(names)
-        next_inputs = torch.empty_like(self.inputs)
-        for index in range(len(self.block_kwargs)):
-            self._report("computing the quantized block's outputs")
-            rows, hidden, kwargs = self._batch(index)
-            next_inputs[rows] = _block_output(self.block(hidden, **kwargs)).cpu()
-        self.inputs = next_inputs
+        if self.block_tuning is not None:
+            self.report("fine-tuning the quantized block")
+            batches = [(hidden, self.targets[rows].to(self.device), kwargs)
+                       for rows, hidden, kwargs in map(self.batch, range(len(self.block_kwargs)))]
+            name = self.block_prefix(self.current_epoch).rstrip(".")
+            self.tuning_results[name] = tune_block(self.block, batches, self.block_tuning, self.current_epoch, name)
+            del self.targets
+        self.report("computing the quantized block's outputs")
+        self.inputs = self.block_outputs(self.block)
         self.block.to("cpu")
         self.quantize_time_s += time.perf_counter() - self.epoch_start
-
-    def _report(self, status: str) -> None:
-        self.status = f"block {self.current_epoch + 1}/{len(self.blocks)} {status}"
-        bar = self.trainer.progress_bar_callback
-        if isinstance(bar, BlockProgressBar):
-            bar.show(self)
 
     def _accumulate_hessian(self, hidden: torch.Tensor, kwargs: dict, names: list[str]) -> None:
         """Add this batch to the group's Hessian. The Linears of a group share their input, so they share H: the
@@ -186,66 +139,56 @@ class LayerwiseCalibration(LightningModule):
                 self.hessian = (torch.zeros(module.in_features, module.in_features, device=self.device), 0)
             hessian, count = self.hessian
             self.hessian = (hessian, accumulate_hessian(hessian, count, args[0]))
-            raise _StopForward
+            raise StopForward
 
         handle = self.block.get_submodule(names[0]).register_forward_pre_hook(hook)
         try:
             self.block(hidden, **kwargs)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             handle.remove()
 
     def _quantize_group(self, names: list[str]) -> None:
-        prefix = self._block_prefix()
+        prefix = self.block_prefix(self.current_epoch)
         hessian = self.hessian[0] if self.hessian else None
         self.hessian = None
         for name in names:
             linear = self.block.get_submodule(name)
-            self._report(f"quantizing {name}")
-            weight = self.quantizer.quantize(linear.weight.detach(), hessian)
+            self.report(f"quantizing {name}")
+            try:
+                weight = self.quantizer.quantize(linear.weight.detach(), hessian,
+                                                 progress=lambda status: self.report(f"quantizing {name}: {status}"))
+            except LqtkError as err:
+                raise LqtkError(f"{prefix}{name}: {err}") from err
             quantized = QuantizedLinear(weight, linear.bias).to(self.device)
             set_submodule(self.block, name, quantized)
             self.layer_errors[prefix + name] = relative_output_error(linear.weight, quantized, hessian)
-
-    def _block_prefix(self) -> str:
-        names = {id(m): n for n, m in self.model.named_modules()}
-        return f"{names[id(self.blocks)]}.{self.current_epoch}."
+            if weight.history:
+                self.layer_history[prefix + name] = weight.history
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def identity(self) -> dict:
-        """What must match for a checkpoint to be resumed by this run."""
         quantizer = {"class": type(self.quantizer).__qualname__, **dataclasses.asdict(self.quantizer)}
+        tuning = None if self.block_tuning is None else dataclasses.asdict(self.block_tuning)
         return {"model": str(self.model_path), "quantizer": quantizer, "sequential": self.sequential,
-                "skip": list(self.skip), "data": dict(self.trainer.datamodule.hparams)}
+                "skip": list(self.skip), "block_tuning": tuning, "data": dict(self.trainer.datamodule.hparams)}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
+    def walk_state(self) -> dict:
         layers = quantized_layers(self.model)
-        checkpoint["lqtk"] = {
-            "identity": self.identity(),
-            "layers": {name: (m.layer_config(), m.tensors(), m.bias) for name, m in layers.items()},
-            "inputs": self.inputs,
-            "quantize_time_s": self.quantize_time_s,
-            "layer_errors": self.layer_errors,
-            "rng": torch.random.get_rng_state(),  # for methods that draw random numbers (k-means init, rotations)
-        }
+        return {"layers": {name: (m.layer_config(), m.tensors(), m.bias) for name, m in layers.items()},
+                **self.walk_metrics()}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("lqtk")
-        if state is None:
-            raise LqtkError("this checkpoint was not written by LayerwiseCalibration: pass a checkpoint of this "
-                            "recipe's run, or start afresh without --ckpt_path")
-        ours = self.identity()
-        if state["identity"] != ours:
-            changed = sorted(k for k in ours if state["identity"].get(k) != ours[k])
-            raise LqtkError(f"the checkpoint belongs to another run (different {', '.join(changed)}): resume with "
-                            "the recipe that wrote it, or use another trainer.default_root_dir for this one")
+    def walk_metrics(self) -> dict:
+        return {"layer_errors": self.layer_errors, "layer_history": self.layer_history,
+                "block_tuning": self.tuning_results}
+
+    def restore_walk_state(self, state: dict) -> None:
         for name, (config, tensors, bias) in state["layers"].items():
             set_submodule(self.model, name, quantized_linear_from_config(config, tensors, bias))
-        self.inputs = state["inputs"]
-        self.quantize_time_s = state["quantize_time_s"]
         self.layer_errors = state["layer_errors"]
-        torch.random.set_rng_state(state["rng"])
+        self.layer_history = state["layer_history"]
+        self.tuning_results = state["block_tuning"]
 
 
 def relative_output_error(weight: torch.Tensor, quantized: QuantizedLinear, hessian: torch.Tensor | None) -> float:
@@ -256,38 +199,3 @@ def relative_output_error(weight: torch.Tensor, quantized: QuantizedLinear, hess
     if hessian is None:
         return (delta.pow(2).sum() / w.pow(2).sum()).item()
     return ((delta @ hessian * delta).sum() / (w @ hessian * w).sum()).item()
-
-
-class BlockProgressBar(RichProgressBar):
-    """Lightning's (rich) progress bar, described by what the phase is doing (block k/n, the current Linears) and
-    the time left for the whole walk, extrapolated from the blocks finished in this run."""
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
-        self.walk_start, self.first_block = time.perf_counter(), trainer.current_epoch
-
-    def show(self, pl_module) -> None:
-        if self.progress is None or self.train_progress_bar_id is None:
-            return
-        done = pl_module.current_epoch - self.first_block
-        eta = ""
-        if done > 0:
-            left = (time.perf_counter() - self.walk_start) / done * (len(pl_module.blocks) - pl_module.current_epoch)
-            eta = f" · walk ETA {left / 60:.1f} min"
-        self.progress.update(self.train_progress_bar_id, description=pl_module.status + eta)
-        self.refresh()
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args)
-        self.show(pl_module)
-
-
-class BlockCheckpoint(ModelCheckpoint):
-    """`checkpoints/last.ckpt` after every block (epoch). ModelCheckpoint's own rule skips a save while the
-    optimizer step count stands still, and a calibration phase takes no optimizer steps."""
-
-    def __init__(self, dirpath: str | None = None):
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -1,0 +1,105 @@
+"""Fine-tune one quantized decoder block to reproduce the fp block (the AQLM paper's block fine-tuning, §3.3).
+
+The block's inputs are the quantized model's own stream, its targets the fp block's outputs on the same inputs; the
+trainable parameters are the floating tensors of its `QuantizedLinear`s (AQLM codebooks and scales, GPTQ scales) and
+its norms, while integer codes stay frozen. One function, two callers: `BlockFinetune` (a phase of its own, after
+calibration) and `LayerwiseCalibration` (`block_tuning`: each block tuned before its outputs feed the next).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lqtk.errors import LqtkError
+from lqtk.models import block_output
+from lqtk.nn import QuantizedLinear
+
+
+@dataclass
+class BlockTuning:
+    """Adam on the mean squared error between the block's outputs and the fp block's, with early stopping."""
+
+    lr: float = 1e-4
+    """Adam learning rate (the AQLM authors: 1e-4, betas (0.9, 0.95))."""
+    max_steps: int = 100
+    """Upper bound on optimizer steps per block, each on one batch of calibration windows."""
+    validation_batches: int = 1
+    """Calibration batches held out (the last ones) to decide when to stop; the others are trained on."""
+    eval_every: int = 10
+    """Steps between two evaluations of the held-out loss."""
+    patience: int = 2
+    """Stop after this many evaluations without a better held-out loss; the best parameters are kept."""
+    tune_norms: bool = True
+    """Train the block's norm weights too (besides the quantized layers' floating tensors)."""
+    seed: int = 0
+    """Seed of the order of the training batches (with the block's index, so each block has its own)."""
+
+
+def trainable_parameters(block: nn.Module, tune_norms: bool) -> list[nn.Parameter]:
+    """The floating tensors of the block's quantized layers (frozen codes are buffers) and, optionally, its norms."""
+    params = [p for m in block.modules() if isinstance(m, QuantizedLinear) for p in m.parameters(recurse=False)
+              if p is not m.bias]
+    if tune_norms:
+        params += [p for name, m in block.named_modules() if "norm" in type(m).__name__.lower()
+                   for p in m.parameters(recurse=False)]
+    return params
+
+
+def tune_block(block: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, dict]], tuning: BlockTuning,
+               block_index: int, name: str = "block") -> dict:
+    """Train `block` in place on `batches` of (inputs, fp targets, block keyword arguments), holding out the last
+    `validation_batches` for early stopping. Trainable tensors are trained in fp32 and stored back in their own dtype
+    (fp16 for codebooks and scales), so the block computes afterwards exactly what its export will.
+    Returns the held-out relative error ||Y_q − Y||² / ||Y||² before and after, and the steps taken."""
+    params = trainable_parameters(block, tuning.tune_norms)
+    if not params:
+        raise LqtkError(f"{name} has no trainable tensors: fine-tune a model exported by a calibration phase "
+                        "(AQLM codebooks/scales or GPTQ scales), not an fp model")
+    if not 0 < tuning.validation_batches < len(batches):
+        raise LqtkError(f"block tuning holds out {tuning.validation_batches} of {len(batches)} calibration batches; "
+                        "it needs at least one to train on and one to validate: change validation_batches or "
+                        "data.num_calibration_windows / data.batch_size")
+    train, held_out = batches[: -tuning.validation_batches], batches[-tuning.validation_batches :]
+    dtypes = [p.dtype for p in params]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=tuning.lr, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(tuning.seed * 100_003 + block_index)
+    best = before = held_out_error(block, held_out)
+    best_state, step, stale = [p.detach().clone() for p in params], 0, 0
+    try:
+        with torch.enable_grad():
+            while step < tuning.max_steps and stale < tuning.patience:
+                for index in torch.randperm(len(train), generator=generator).tolist():
+                    inputs, targets, kwargs = train[index]
+                    loss = F.mse_loss(block_output(block(inputs, **kwargs)), targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    if not math.isfinite(loss.item()):
+                        raise LqtkError(f"{name}: the fine-tuning loss became {loss.item()} at step {step}: lower "
+                                        "block_tuning.lr")
+                    if step % tuning.eval_every == 0 or step == tuning.max_steps:
+                        error = held_out_error(block, held_out)
+                        if error < best:
+                            best, best_state, stale = error, [p.detach().clone() for p in params], 0
+                        else:
+                            stale += 1
+                    if step == tuning.max_steps or stale == tuning.patience:
+                        break
+    finally:
+        for p, kept, dtype in zip(params, best_state, dtypes):
+            p.requires_grad_(False)
+            p.data = kept.to(dtype)
+    return {"error_before": before, "error_after": held_out_error(block, held_out), "steps": step}
+
+
+@torch.no_grad()
+def held_out_error(block: nn.Module, batches) -> float:
+    error = sum(F.mse_loss(block_output(block(x, **kwargs)), y, reduction="sum") for x, y, kwargs in batches)
+    return (error / sum(y.square().sum() for _, y, _ in batches)).item()

@@ -1,0 +1,178 @@
+"""`BlockWalk`: what every block-by-block phase shares (LayerwiseCalibration, BlockFinetune).
+
+One epoch per decoder block. Before the first block the calibration windows run through the model up to block 0 and
+its inputs are cached (with the keyword arguments block 0 receives: position embeddings, masks); each epoch works on
+one block with those inputs and leaves the next block's inputs in `self.inputs`. A checkpoint after every block
+holds what the walk produced plus the run's `identity()`; `ckpt_path=last` continues after the last finished block
+and refuses a checkpoint of another run.
+"""
+
+import time
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+from lqtk.errors import LqtkError
+from lqtk.models import block_output
+
+
+class StopForward(Exception):
+    """Raised by a hook once what a pass needs has been seen: the rest of the forward is not needed."""
+
+
+class BlockWalk(LightningModule):
+    """Base of the block-by-block phases. Subclasses set `self.model` and `self.blocks` in `setup`, do a block's
+    work in the epoch hooks, and add their own state with `walk_state` / `restore_walk_state`."""
+
+    def __init__(self):
+        super().__init__()
+        # No save_hyperparameters(): LightningCLI would let a checkpoint's hyperparameters override the recipe on
+        # resume; instead `identity()` is checkpointed and a mismatch is refused.
+        self.automatic_optimization = False
+        self.inputs: torch.Tensor | None = None  # (N, T, D) inputs of the current block, on the CPU
+        self.quantize_time_s = 0.0  # time spent in the phase's own work (not loading, evaluating or exporting)
+        self.status = ""
+
+    def configure_optimizers(self):
+        return None
+
+    def configure_callbacks(self):
+        return [BlockProgressBar(), BlockCheckpoint()]
+
+    def on_fit_start(self) -> None:
+        self.trainer.fit_loop.max_epochs = len(self.blocks)  # the phase's length is the model's depth
+        start = time.perf_counter()
+        inputs, self.block_kwargs = self.capture_block_inputs(self.trainer.datamodule.train_dataloader())
+        if self.inputs is None:  # a fresh run; a resumed one has the next block's inputs from its checkpoint
+            self.inputs = inputs
+        self.quantize_time_s += time.perf_counter() - start
+
+    @torch.no_grad()
+    def capture_block_inputs(self, batches) -> tuple[torch.Tensor, list[dict]]:
+        """Run each batch up to block 0 and keep what block 0 receives: hidden states and keyword arguments
+        (position embeddings, masks) per batch, to be replayed into every block."""
+        hidden, kwargs = [], []
+
+        def capture(module, args, block_kwargs):
+            hidden.append((args[0] if args else block_kwargs.pop("hidden_states")).cpu())
+            kwargs.append({k: v for k, v in block_kwargs.items() if k != "hidden_states"})
+            raise StopForward
+
+        handle = self.blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self.model.to(self.device)  # only the embedding runs; moved back below
+            for batch in batches:
+                try:
+                    self.model(batch.to(self.device), use_cache=False)
+                except StopForward:
+                    pass
+        finally:
+            handle.remove()
+            self.model.to("cpu")
+        return torch.cat(hidden), kwargs
+
+    @property
+    def block(self) -> torch.nn.Module:
+        return self.blocks[self.current_epoch]
+
+    def block_prefix(self, index: int) -> str:
+        """Module path of block `index` with a trailing dot (`model.layers.3.`)."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return f"{names[id(self.blocks)]}.{index}."
+
+    def batch(self, index: int) -> tuple[slice, torch.Tensor, dict]:
+        """Rows, cached inputs (on the device) and block keyword arguments of calibration batch `index`."""
+        size = self.trainer.datamodule.batch_size
+        rows = slice(index * size, (index + 1) * size)
+        return rows, self.inputs[rows].to(self.device), self.block_kwargs[index]
+
+    @torch.no_grad()
+    def block_outputs(self, block: torch.nn.Module) -> torch.Tensor:
+        """`block` applied to every cached input batch: (N, T, D) on the CPU."""
+        outputs = torch.empty_like(self.inputs)
+        for index in range(len(self.block_kwargs)):
+            rows, hidden, kwargs = self.batch(index)
+            outputs[rows] = block_output(block(hidden, **kwargs)).cpu()
+        return outputs
+
+    def report(self, status: str) -> None:
+        self.status = f"block {self.current_epoch + 1}/{len(self.blocks)} {status}"
+        bar = self.trainer.progress_bar_callback
+        if isinstance(bar, BlockProgressBar):
+            bar.show(self)
+
+    def fp_reference(self) -> tuple[torch.nn.Module, str]:
+        """The fp model the phase's result is compared with, and its path (the model itself, before the walk)."""
+        return self.model, self.model_path
+
+    def walk_metrics(self) -> dict:
+        """Per-layer and per-block figures for metrics.json."""
+        raise NotImplementedError
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """What must match for a checkpoint to be resumed by this run."""
+        raise NotImplementedError
+
+    def walk_state(self) -> dict:
+        """The subclass's part of a checkpoint."""
+        raise NotImplementedError
+
+    def restore_walk_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lqtk"] = {"phase": type(self).__name__, "identity": self.identity(), "inputs": self.inputs,
+                              "quantize_time_s": self.quantize_time_s, "rng": torch.random.get_rng_state(),
+                              **self.walk_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("lqtk")
+        if state is None or state.get("phase", "LayerwiseCalibration") != type(self).__name__:
+            raise LqtkError(f"this checkpoint was not written by {type(self).__name__}: pass a checkpoint of this "
+                            "recipe's run, or start afresh without --ckpt_path")
+        ours = self.identity()
+        if state["identity"] != ours:
+            changed = sorted(k for k in ours if state["identity"].get(k) != ours[k])
+            raise LqtkError(f"the checkpoint belongs to another run (different {', '.join(changed)}): resume with "
+                            "the recipe that wrote it, or use another trainer.default_root_dir for this one")
+        self.inputs = state["inputs"]
+        self.quantize_time_s = state["quantize_time_s"]
+        torch.random.set_rng_state(state["rng"])  # for methods that draw random numbers
+        self.restore_walk_state(state)
+
+
+class BlockProgressBar(RichProgressBar):
+    """Lightning's (rich) progress bar, described by what the phase is doing (block k/n, the current Linears) and
+    the time left for the whole walk, extrapolated from the blocks finished in this run."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.walk_start, self.first_block = time.perf_counter(), trainer.current_epoch
+
+    def show(self, pl_module) -> None:
+        if self.progress is None or self.train_progress_bar_id is None:
+            return
+        done = pl_module.current_epoch - self.first_block
+        eta = ""
+        if done > 0:
+            left = (time.perf_counter() - self.walk_start) / done * (len(pl_module.blocks) - pl_module.current_epoch)
+            eta = f" · walk ETA {left / 60:.1f} min"
+        self.progress.update(self.train_progress_bar_id, description=pl_module.status + eta)
+        self.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        self.show(pl_module)
+
+
+class BlockCheckpoint(ModelCheckpoint):
+    """`checkpoints/last.ckpt` after every block (epoch). ModelCheckpoint's own rule skips a save while the
+    optimizer step count stands still, and the phases step their optimizers themselves (or have none)."""
+
+    def __init__(self, dirpath: str | None = None):
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
