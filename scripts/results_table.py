@@ -1,13 +1,16 @@
-"""Quantize the reference model with each recipe and print the results table (markdown).
+"""Quantize the reference model with each recipe (or chain of recipes) and print a results table (markdown).
 
-    python scripts/results_table.py [--recipes rtn-w4g128 gptq-w4g128 ...] [--update-readme]
+    python scripts/results_table.py [--table results-table|aqlm-table] [--recipes a b+c ...] [--fresh] [--update-readme]
 
-Each recipe runs as `lqtk fit --config configs/smollm2-135m/<recipe>.yaml` into runs/table/<recipe> and reports
-from its metrics.json: true bits/weight, perplexity on the default evaluation split, ratio to fp, and the time of
-the calibration phase alone. With --update-readme the table replaces the one between the README's markers."""
+A row is a recipe, or a chain `calibration+finetune` run by `lqtk chain` into runs/table/<recipe>: a phase already
+finished there is reused (so a re-run after a stop continues, and chains share their first phase); --fresh deletes a
+row's run folders first. Each row reports from the last phase's metrics.json: true bits/weight, perplexity on the
+default evaluation split, ratio to fp, and the phases' own time added up (calibration, fine-tuning; not loading or
+evaluation). With --update-readme the table replaces the one between the README's markers of the same name."""
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +18,26 @@ from pathlib import Path
 from readme_section import update_readme_section
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["rtn-w4g128", "gptq-w4g128", "rtn-w3g128", "gptq-w3g128", "gptq-w3g128-mse", "rtn-w2g64", "gptq-w2g64"]
+RUNS = REPO / "runs" / "table"
+TABLES = {
+    "results-table": ["rtn-w4g128", "gptq-w4g128", "rtn-w3g128", "gptq-w3g128", "gptq-w3g128-mse", "rtn-w2g64",
+                      "gptq-w2g64"],
+    "aqlm-table": ["gptq-w2g64", "aqlm-2x8-g8", "aqlm-2x8-g8+aqlm-2x8-g8-ft", "gptq-w3g128", "aqlm-3x8-g8-ft"],
+}
 
 
-def run_recipe(recipe: str) -> dict:
-    run_dir = REPO / "runs" / "table" / recipe
-    recipe_file = REPO / "configs" / "smollm2-135m" / f"{recipe}.yaml"
-    cmd = [sys.executable, "-m", "lqtk.cli", "fit", "--config", str(recipe_file),
-           "--trainer.default_root_dir", str(run_dir), "--overwrite", "true"]
+def run_row(row: str, fresh: bool) -> dict:
+    """Run the chain `row` (recipes joined by +) and return its last metrics, time summed over its phases."""
+    phases = row.split("+")
+    if fresh:
+        for phase in phases:
+            shutil.rmtree(RUNS / phase, ignore_errors=True)
+    cmd = [sys.executable, "-m", "lqtk.cli", "chain", *(str(REPO / "configs" / "smollm2-135m" / f"{p}.yaml")
+                                                          for p in phases), "--root", str(RUNS)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((run_dir / "metrics.json").read_text())
+    metrics = [json.loads((RUNS / phase / "metrics.json").read_text()) for phase in phases]
+    return metrics[-1] | {"quantize_time_s": sum(m["quantize_time_s"] for m in metrics)}
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
@@ -34,21 +46,42 @@ def table(rows: list[tuple[str, dict]]) -> str:
              f"(seq_len {rows[0][1]['seq_len']}, no BOS).", "",
              "| recipe | bits/weight | perplexity | × fp | quantize time (s) |", "|---|---|---|---|---|"]
     for recipe, m in rows:
-        lines.append(f"| {recipe} | {m['bits_per_weight']:.3f} | {m['perplexity']:.3f} | {m['ratio_to_fp']:.3f} "
-                     f"| {m['quantize_time_s']:.0f} |")
+        lines.append(f"| {recipe.split('+')[-1]} | {m['bits_per_weight']:.3f} | {m['perplexity']:.3f} "
+                     f"| {m['ratio_to_fp']:.3f} | {m['quantize_time_s']:.0f} |")
     return "\n".join(lines)
+
+
+def aqlm_checks(rows: dict[str, dict]) -> str:
+    """The AQLM issue's targets, computed from the rows."""
+    def ppl(recipe):
+        return rows[recipe]["perplexity"]
+
+    ft = rows["aqlm-2x8-g8+aqlm-2x8-g8-ft"]
+    bits_over = rows["aqlm-3x8-g8-ft"]["bits_per_weight"] - rows["gptq-w3g128"]["bits_per_weight"]
+    return "\n".join([
+        "",
+        f"- gptq-w2g64 / aqlm-2x8-g8 perplexity: **{ppl('gptq-w2g64') / ppl('aqlm-2x8-g8'):.1f}×** (target ≥ 10×)",
+        f"- aqlm-2x8-g8-ft / aqlm-2x8-g8 perplexity: **{ft['perplexity'] / ppl('aqlm-2x8-g8'):.3f}** (target < 1); "
+        f"aqlm-2x8-g8-ft × fp: **{ft['ratio_to_fp']:.2f}** (target ≤ 4)",
+        f"- aqlm-3x8-g8-ft / gptq-w3g128 perplexity: **{ppl('aqlm-3x8-g8-ft') / ppl('gptq-w3g128'):.3f}** "
+        f"(target < 1) at **{bits_over:+.3f}** bits/weight (target ≤ +0.1)",
+    ])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=RECIPES)
+    parser.add_argument("--table", choices=sorted(TABLES), default="results-table")
+    parser.add_argument("--recipes", nargs="+", help="Rows to run instead of the table's (recipe or a+b chain).")
+    parser.add_argument("--fresh", action="store_true", help="Delete the rows' runs first instead of reusing them.")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
-    rows = [(recipe, run_recipe(recipe)) for recipe in args.recipes]
+    rows = [(row, run_row(row, args.fresh)) for row in args.recipes or TABLES[args.table]]
     text = table(rows)
+    if args.table == "aqlm-table" and not args.recipes:
+        text += "\n" + aqlm_checks(dict(rows))
     print(text)
     if args.update_readme:
-        update_readme_section("results-table", text)
+        update_readme_section(args.table, text)
 
 
 if __name__ == "__main__":
