@@ -6,11 +6,13 @@ import itertools
 import pytest
 import torch
 
+from conftest import REPO
 from lqtk.errors import LqtkError
 from lqtk.quant import AQLM
 from lqtk.quant.aqlm import decode, init_residual_kmeans, propose, proxy_loss, update_codes
 from lqtk.quant.base import QuantizedWeight
 from lqtk.quant.primitives import pack_bits
+from test_cli import fails_with, recipe_args
 from test_quant import correlated_problem
 
 SMALL = dict(num_codebooks=2, nbits_per_codebook=4, in_group_size=4, max_rounds=4, relative_tolerance=0.0)
@@ -86,6 +88,16 @@ def test_settings_that_do_not_fit_the_layer_are_refused():
         AQLM(num_codebooks=0)
 
 
+def test_a_diverging_adam_stops_with_a_message_naming_the_layer(corpus, tmp_path, capsys):
+    w, h, _ = correlated_problem()
+    with pytest.raises(LqtkError, match="objective became .* during Adam .*: lower `lr`"):
+        AQLM(**SMALL | {"lr": 1e30}).quantize(w, h)
+    argv = recipe_args(corpus, tmp_path / "run", "--model.init_args.quantizer.init_args.lr", "1e30",
+                       recipe=str(REPO / "configs" / "debug" / "aqlm-tiny.yaml"))
+    fails_with(capsys, argv, "model.layers.0.self_attn.q_proj: AQLM: the objective became")
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_dead_inputs_are_exact_and_harmless():
     w, h, _ = correlated_problem()
     h[:, :4] = 0
@@ -93,3 +105,17 @@ def test_dead_inputs_are_exact_and_harmless():
     result = AQLM(**SMALL).quantize(w, h)
     assert torch.isfinite(result.dequantize()).all()
     assert result.history["objective"][-1] < result.history["objective"][0]
+
+
+def test_a_layer_built_from_codewords_is_found_exactly():
+    """Rows of unit norm made of 4 codewords (each of norm 1/2): AQLM 1x2 finds codebook and codes exactly."""
+    gen = torch.Generator().manual_seed(0)
+    codebook = torch.randn(4, 4, generator=gen)
+    codebook = (codebook / codebook.norm(dim=1, keepdim=True) / 2).half().float()
+    codes = torch.randint(0, 4, (8, 4), generator=gen)
+    codes[0] = torch.arange(4)  # every codeword is used
+    w = codebook[codes].flatten(1)  # (8, 16)
+    _, h, _ = correlated_problem(out_features=8, in_features=16)
+    result = AQLM(num_codebooks=1, nbits_per_codebook=2, in_group_size=4, max_rounds=2).quantize(w, h)
+    assert result.history["objective"][0] < 1e-6
+    torch.testing.assert_close(result.dequantize(), w, atol=2e-3, rtol=0)  # scales are stored in fp16

@@ -123,7 +123,9 @@ def aqlm_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: AQLM, pro
     H[dead, dead] = 1
     W[:, dead] = 0
     norm = (W @ H * W).sum()
-    objective = lambda codes, codebooks, scales: (proxy_loss(W, H, decode(codes, codebooks, scales)) / norm).item()  # noqa: E731
+
+    def objective(codes, codebooks, scales) -> float:
+        return (proxy_loss(W, H, decode(codes, codebooks, scales)) / norm).item()
 
     scales = W.norm(dim=1, keepdim=True).clamp(min=1e-8).half().float()
     codes, codebooks = init_residual_kmeans(W / scales, H.diagonal(), config)
@@ -173,16 +175,30 @@ def weighted_kmeans(points: torch.Tensor, weights: torch.Tensor, K: int, iters: 
                     points_per_centroid: int = 64):
     """Lloyd's algorithm for Σ_p Σ_d weights[p, d] (points[p, d] − c[a(p), d])². Returns centroids (K, g) and the
     assignment (P,) of all points. The iterations see a random sample of `points_per_centroid`·K points (as faiss
-    does: more barely moves the centroids); they start from K distinct sample points; an empty cluster stays put."""
-    sample = torch.randperm(len(points), generator=generator)[: points_per_centroid * K]
+    does: more barely moves the centroids), seeded by k-means++; an empty cluster keeps its centroid."""
+    sample = torch.randperm(len(points), generator=generator)[: points_per_centroid * K].to(points.device)
     x, w = points[sample], weights[sample]
-    centroids = x[:K].clone()
+    centroids = kmeans_plus_plus(x, w, K, generator)
     for _ in range(iters):
         assignment = nearest(x, w, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, assignment, x * w)
         mass = torch.zeros_like(centroids).index_add_(0, assignment, w)
         centroids = torch.where(mass > 0, sums / mass.clamp(min=1e-30), centroids)
     return centroids, nearest(points, weights, centroids)
+
+
+def kmeans_plus_plus(x: torch.Tensor, w: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
+    """K seeds drawn one at a time with probability ∝ the weighted squared distance to the nearest seed so far
+    (Arthur & Vassilvitskii 2007): spread-out seeds, and never a point that is already a seed."""
+    chosen = [int(torch.randint(len(x), (1,), generator=generator))]
+    distance = ((x - x[chosen[0]]).square() * w).sum(1)
+    for _ in range(1, K):
+        if distance.sum() <= 0:  # fewer distinct points than K: repeat one (its cluster stays empty)
+            chosen.append(chosen[-1])
+            continue
+        chosen.append(int(torch.multinomial(distance.cpu().double(), 1, generator=generator)))
+        distance = torch.minimum(distance, ((x - x[chosen[-1]]).square() * w).sum(1))
+    return x[chosen].clone()
 
 
 def nearest(points, weights, centroids, chunk: int = 65536):
@@ -223,8 +239,8 @@ def update_codes(W, H, codes, codebooks, scales, config: AQLM):
     codes = codes.clone()
     G = (W - decode(codes, codebooks, scales)) @ H
     for phase in range(min(config.phases, groups)):
-        chosen = torch.arange(phase, groups, config.phases)  # groups of this set
-        columns = (chosen[:, None] * g + torch.arange(g)).flatten()
+        chosen = torch.arange(phase, groups, config.phases, device=W.device)  # groups of this set
+        columns = (chosen[:, None] * g + torch.arange(g, device=W.device)).flatten()
         H_set = H[columns][:, columns]
         G_set = G[:, columns].view(out_features, len(chosen), g)
         new_codes, delta = propose(G_set, _blocks(H_set, len(chosen), g), codes[:, chosen], codebooks, scales,
@@ -244,10 +260,10 @@ def propose(G, H_blocks, codes, codebooks, scales, beam_size: int, chunk: int = 
     s = scales.view(-1, 1, 1, 1)
     quads = torch.einsum("mkd,jde,mke->mjk", codebooks, H_blocks, codebooks)[:, :, None]  # C_kᵀ H_jj C_k, (M, J, 1, K)
     best_codes, best_delta = [], []
-    for rows in torch.arange(out_features).split(max(1, chunk // (groups * beam_size * K))):
+    for rows in torch.arange(out_features, device=G.device).split(max(1, chunk // (groups * beam_size * K))):
         s_rows, G_rows = s[rows], G[rows, :, None] / s[rows]  # (o, 1, 1, 1), (o, J, 1, g)
         beam = codes[rows].unsqueeze(2)  # (o, J, beam, M)
-        offset = torch.zeros(len(rows), groups, 1, g)  # Σ codewords of a state − Σ codewords of the current codes
+        offset = G.new_zeros(len(rows), groups, 1, g)  # Σ codewords of a state − Σ codewords of the current codes
         for m in range(M):
             C = codebooks[m]  # (K, g)
             base = offset - C[beam[..., m]]  # the state without its codebook-m codeword
@@ -273,7 +289,7 @@ def accept_best_prefix(delta, G, H):
     out_features, groups, g = delta.shape
     gain = 2 * (delta * G).sum(-1) - torch.einsum("ojd,jde,oje->oj", delta, _blocks(H, groups, g), delta)
     rank = gain.argsort(1, descending=True).argsort(1)  # 0 for the group with the largest gain
-    best, best_length = torch.zeros(out_features), torch.zeros(out_features, dtype=torch.long)
+    best, best_length = delta.new_zeros(out_features), delta.new_zeros(out_features, dtype=torch.long)
     length = groups
     while length >= 1:
         D = (delta * (rank < length)[..., None]).flatten(1)
