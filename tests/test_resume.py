@@ -63,11 +63,17 @@ def kill_then_resume_matches(args, tmp_path):
     assert all((expected[k] == resumed[k]).all() for k in expected)
 
 
+# Fewer rounds and iterations than the debug recipes: resuming is what is tested, and 3 runs must stay quick.
+QUICK = {"gptq-tiny": [], "aqlm-tiny": ["--model.init_args.quantizer.init_args.max_rounds", "2",
+                                        "--model.init_args.quantizer.init_args.kmeans_iters", "4"]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["gptq-tiny", "aqlm-tiny"])
 def test_calibration_killed_then_resumed_gives_identical_export(recipe, corpus, deep_model, tmp_path):
     kill_then_resume_matches(lambda run_dir, *extra: walk_args(
-        corpus, run_dir, DEBUG / f"{recipe}.yaml", "--model.init_args.model", str(deep_model), *extra), tmp_path)
+        corpus, run_dir, DEBUG / f"{recipe}.yaml", "--model.init_args.model", str(deep_model), *QUICK[recipe],
+        *extra), tmp_path)
 
 
 @pytest.mark.slow
@@ -78,4 +84,4 @@ def test_block_finetune_killed_then_resumed_gives_identical_export(corpus, deep_
     assert proc.returncode == 0, proc.stderr[-3000:]
     kill_then_resume_matches(lambda run_dir, *extra: walk_args(
         corpus, run_dir, DEBUG / "aqlm-tiny-ft.yaml", "--model.init_args.model", str(quantized / "model"),
-        "--model.init_args.fp_model", str(deep_model), *extra), tmp_path)
+        "--model.init_args.fp_model", str(deep_model), "--model.init_args.tuning.max_steps", "10", *extra), tmp_path)
