@@ -68,8 +68,11 @@ class ExportQuantized(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if "model-hf-aqlm" in self.writers:  # refused now rather than after the whole phase
             quantizer = getattr(pl_module, "quantizer", None)  # a calibration phase; a fine-tuning one has a model
-            formats = {m.format for m in quantized_layers(pl_module.model).values()}
-            if not isinstance(quantizer, AQLM) if quantizer is not None else formats != {"aqlm"}:
+            if quantizer is not None:
+                is_aqlm = isinstance(quantizer, AQLM)
+            else:
+                is_aqlm = {m.format for m in quantized_layers(pl_module.model).values()} == {"aqlm"}
+            if not is_aqlm:
                 raise LqtkError("export.hf_aqlm needs an AQLM model: set export.hf_aqlm false, or quantize with "
                                 "lqtk.quant.AQLM")
         if self.evaluate and self.fp_perplexity is None:  # measured before the first block is quantized

@@ -54,7 +54,7 @@ class LayerwiseCalibration(BlockWalk):
     def setup(self, stage: str) -> None:
         # Kept out of the module tree: Lightning must neither move the whole model to the device (blocks go one at
         # a time) nor checkpoint the fp weights.
-        model = load_causal_lm(self.model_path)
+        model = load_causal_lm(self.model_path).requires_grad_(False)  # block_tuning unfreezes what it trains
         self.__dict__.update(model=model, blocks=decoder_blocks(model))
         for i, block in enumerate(self.blocks):
             for name, linear in self._linears(block).items():
