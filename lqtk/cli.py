@@ -63,12 +63,13 @@ def evaluate_command(args: list[str]) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     parser.add_argument("--bos", action="store_true", help="Start each window with the BOS token.")
+    parser.add_argument("--max-windows", type=int, help="Only the first N windows (a quick check).")
     opts = parser.parse_args(args)
     data = TextDataModule(tokenizer=opts.model, evaluation_files=opts.text or default_split()[1],
                           seq_len=opts.seq_len, bos=opts.bos, batch_size=opts.batch_size)
     model = load_causal_lm(opts.model)
     start = time.perf_counter()
-    ppl, tokens = perplexity(model, data.evaluation_windows(), opts.batch_size)
+    ppl, tokens = perplexity(model, data.evaluation_windows()[: opts.max_windows], opts.batch_size)
     result = {"perplexity": ppl, "tokens": tokens, "seq_len": opts.seq_len, "bos": opts.bos,
               "bits_per_weight": bits_per_weight(model), "model": str(resolve_model(opts.model)),
               "text": opts.text or "default evaluation split", "eval_time_s": time.perf_counter() - start}
