@@ -92,6 +92,17 @@ def test_chain_calibrates_then_fine_tunes(chain_run):
         assert quant["quant_method"] == "aqlm" and quant["nbits_per_codebook"] == 6
 
 
+def test_calibration_tunes_each_block_in_the_loop(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_lqtk(*recipe_args(corpus, run_dir, "--model.init_args.block_tuning.max_steps", "6",
+                                 "--model.init_args.block_tuning.eval_every", "2", "--export.evaluate", "false",
+                                 recipe=str(DEBUG / "aqlm-tiny.yaml")), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuned = json.loads((run_dir / "metrics.json").read_text())["block_tuning"]
+    assert set(tuned) == {"model.layers.0", "model.layers.1"}
+    assert all(0 < b["steps"] <= 6 and b["error_after"] <= b["error_before"] for b in tuned.values())
+
+
 def test_chain_rerun_skips_finished_phases(chain_run, tmp_path):
     root, args = chain_run
     weights = root / "aqlm-tiny-ft" / "model" / "model.safetensors"

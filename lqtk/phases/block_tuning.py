@@ -43,7 +43,7 @@ def trainable_parameters(block: nn.Module, tune_norms: bool) -> list[nn.Paramete
     params = [p for m in block.modules() if isinstance(m, QuantizedLinear) for p in m.parameters(recurse=False)
               if p is not m.bias]
     if tune_norms:
-        params += [p for name, m in block.named_modules() if "norm" in type(m).__name__.lower()
+        params += [p for m in block.modules() if "norm" in type(m).__name__.lower()
                    for p in m.parameters(recurse=False)]
     return params
 

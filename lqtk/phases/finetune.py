@@ -16,7 +16,7 @@ import torch
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, load_causal_lm
 from lqtk.nn import quantized_layers
-from lqtk.phases.block_tuning import BlockTuning, trainable_parameters, tune_block
+from lqtk.phases.block_tuning import BlockTuning, trainable_parameters
 from lqtk.phases.walk import BlockWalk
 
 
@@ -65,10 +65,7 @@ class BlockFinetune(BlockWalk):
         fp_block.to("cpu")
         self.block.to(self.device)
         self.report("fine-tuning")
-        batches = [(hidden, targets[rows].to(self.device), kwargs)
-                   for rows, hidden, kwargs in map(self.batch, range(len(self.block_kwargs)))]
-        name = self.block_prefix(self.current_epoch).rstrip(".")
-        self.tuning_results[name] = tune_block(self.block, batches, self.tuning, self.current_epoch, name)
+        self.tune_current_block(targets, self.tuning)
         self.report("computing the tuned block's outputs")
         self.inputs = self.block_outputs(self.block)
         self.block.to("cpu")

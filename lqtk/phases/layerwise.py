@@ -23,7 +23,7 @@ import torch
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, linear_layers, load_causal_lm
 from lqtk.nn import QuantizedLinear, quantized_layers, quantized_linear_from_config, set_submodule
-from lqtk.phases.block_tuning import BlockTuning, tune_block
+from lqtk.phases.block_tuning import BlockTuning
 from lqtk.phases.walk import BlockWalk, StopForward
 from lqtk.quant.base import WeightQuantizer, accumulate_hessian
 
@@ -121,10 +121,7 @@ class LayerwiseCalibration(BlockWalk):
             self._quantize_group(names)
         if self.block_tuning is not None:
             self.report("fine-tuning the quantized block")
-            batches = [(hidden, self.targets[rows].to(self.device), kwargs)
-                       for rows, hidden, kwargs in map(self.batch, range(len(self.block_kwargs)))]
-            name = self.block_prefix(self.current_epoch).rstrip(".")
-            self.tuning_results[name] = tune_block(self.block, batches, self.block_tuning, self.current_epoch, name)
+            self.tune_current_block(self.targets, self.block_tuning)
             del self.targets
         self.report("computing the quantized block's outputs")
         self.inputs = self.block_outputs(self.block)

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from lqtk.errors import LqtkError
 from lqtk.models import block_output
+from lqtk.phases.block_tuning import BlockTuning, tune_block
 
 
 class StopForward(Exception):
@@ -95,6 +96,14 @@ class BlockWalk(LightningModule):
             rows, hidden, kwargs = self.batch(index)
             outputs[rows] = block_output(block(hidden, **kwargs)).cpu()
         return outputs
+
+    def tune_current_block(self, targets: torch.Tensor, tuning: BlockTuning) -> None:
+        """Fine-tune the current block towards `targets` (N, T, D) on the cached inputs; its held-out errors go to
+        `self.tuning_results`."""
+        batches = [(hidden, targets[rows].to(self.device), kwargs)
+                   for rows, hidden, kwargs in map(self.batch, range(len(self.block_kwargs)))]
+        name = self.block_prefix(self.current_epoch).rstrip(".")
+        self.tuning_results[name] = tune_block(self.block, batches, tuning, self.current_epoch, name)
 
     def report(self, status: str) -> None:
         self.status = f"block {self.current_epoch + 1}/{len(self.blocks)} {status}"
