@@ -17,7 +17,7 @@ EVAL_BATCH_SIZE = 2  # windows per forward: the logits of a 49k vocabulary are 1
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, int]:
     """(perplexity, number of predicted tokens) of `model` on `windows` (n, seq_len)."""
-    metric = Perplexity()
+    metric = Perplexity(sync_on_compute=False)  # one process's windows, also inside a multi-process run
     device = next(model.parameters()).device
     for batch in windows.split(batch_size):
         batch = batch.to(device)

@@ -81,7 +81,7 @@ class ExportQuantized(Callback):
             if not is_aqlm:
                 raise LqtkError("export.hf_aqlm needs an AQLM model: set export.hf_aqlm false, or quantize with "
                                 "lqtk.quant.AQLM")
-        if self.evaluate and self.fp_perplexity is None:  # measured before the first block is quantized
+        if self.evaluate and self.fp_perplexity is None and trainer.is_global_zero:  # before the phase's work
             fp_model, fp_model_path = pl_module.fp_reference()
             self.fp_perplexity = self._on_device(fp_model, trainer, fp_perplexity, resolve_model(fp_model_path))
 
@@ -96,7 +96,7 @@ class ExportQuantized(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        model = pl_module.model
+        model = pl_module.exported_model()
         if not quantized_layers(model):
             raise LqtkError("the phase produced no quantized layer: check the recipe's `skip` list")
         self.dirpath.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ class ExportQuantized(Callback):
                     shutil.rmtree(self.dirpath / folder)
                 (Path(tmp) / folder).rename(self.dirpath / folder)
         (self.dirpath / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        per_layer = set(pl_module.walk_metrics())
+        per_layer = set(pl_module.phase_metrics())
         print(json.dumps({k: v for k, v in metrics.items() if k not in per_layer}, indent=2))
 
     @torch.no_grad()
@@ -133,7 +133,8 @@ class ExportQuantized(Callback):
         metrics = {
             "method": "+".join(sorted({layer.method for layer in quantized_layers(model).values()})),
             "phase": type(pl_module).__name__,
-            **{key: identity[key] for key in ("quantizer", "block_tuning", "tuning") if key in identity},
+            **{key: value for key, value in identity.items()
+               if key in ("quantizer", "block_tuning", "tuning", "distillation")},
             "bits_per_weight": bits_per_weight(model),
             "quantize_time_s": pl_module.quantize_time_s,
         }
@@ -144,5 +145,5 @@ class ExportQuantized(Callback):
                            tokens=tokens, seq_len=data.seq_len, bos=data.bos)
         metrics.update(wall_time_s=time.perf_counter() - self.start,
                        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                       model=str(pl_module.model_path), export=str(self.model_dir), **pl_module.walk_metrics())
+                       model=str(pl_module.model_path), export=str(self.model_dir), **pl_module.phase_metrics())
         return metrics

@@ -20,6 +20,22 @@ from lqtk.phases.block_tuning import BlockTuning, trainable_parameters
 from lqtk.phases.walk import BlockWalk
 
 
+def load_student_and_teacher(model: str, fp_model: str):
+    """The quantized model (an lqtk export) and the fp model it was quantized from, refused if they are not that."""
+    quantized, fp = load_causal_lm(model), load_causal_lm(fp_model)
+    if not quantized_layers(quantized):
+        raise LqtkError(f"{model} is not a quantized model (no quantized layer): point model at the export of a "
+                        "calibration phase (its run folder's model/) and the fp model at the model it came from")
+    if quantized_layers(fp):
+        raise LqtkError(f"the fp model {fp_model} is a quantized model: point it at the fp model that {model} was "
+                        "quantized from")
+    same_depth = len(decoder_blocks(quantized)) == len(decoder_blocks(fp))
+    if not same_depth or quantized.config.hidden_size != fp.config.hidden_size:
+        raise LqtkError(f"{model} and the fp model {fp_model} have different architectures: point the fp model at "
+                        "the model the export was quantized from")
+    return quantized, fp
+
+
 class BlockFinetune(BlockWalk):
     """Block-by-block fine-tuning of a quantized model's continuous parameters.
 
@@ -36,19 +52,10 @@ class BlockFinetune(BlockWalk):
         self.tuning_results: dict[str, dict] = {}
 
     def setup(self, stage: str) -> None:
-        model, fp_model = load_causal_lm(self.model_path), load_causal_lm(self.fp_model_path)
+        model, fp_model = load_student_and_teacher(self.model_path, self.fp_model_path)
         model.requires_grad_(False)  # tune_block unfreezes what it trains
         fp_model.requires_grad_(False)
-        if not quantized_layers(model):
-            raise LqtkError(f"{self.model_path} is not a quantized model (no quantized layer): point model at the "
-                            "export of a calibration phase (its run folder's model/) and fp_model at the fp model")
-        if quantized_layers(fp_model):
-            raise LqtkError(f"fp_model {self.fp_model_path} is a quantized model: point it at the fp model that "
-                            f"{self.model_path} was quantized from")
         blocks, fp_blocks = decoder_blocks(model), decoder_blocks(fp_model)
-        if len(blocks) != len(fp_blocks) or model.config.hidden_size != fp_model.config.hidden_size:
-            raise LqtkError(f"{self.model_path} and fp_model {self.fp_model_path} have different architectures: "
-                            "point fp_model at the model the export was quantized from")
         if not any(trainable_parameters(block, tune_norms=False) for block in blocks):
             raise LqtkError(f"{self.model_path} has no trainable tensors in its quantized layers: nothing to tune")
         # kept out of the module tree, as in LayerwiseCalibration: blocks move to the device one at a time
@@ -79,7 +86,7 @@ class BlockFinetune(BlockWalk):
     def walk_state(self) -> dict:
         tuned = {f"{i}.{key}": value for i, block in enumerate(self.blocks[: self.current_epoch + 1])
                  for key, value in block.state_dict().items() if value.is_floating_point()}
-        return {"tuned": tuned, **self.walk_metrics()}
+        return {"tuned": tuned, **self.phase_metrics()}
 
     def restore_walk_state(self, state: dict) -> None:
         for key, value in state["tuned"].items():
@@ -88,7 +95,7 @@ class BlockFinetune(BlockWalk):
             parameter.data = value.clone()
         self.tuning_results = state["block_tuning"]
 
-    def walk_metrics(self) -> dict:
+    def phase_metrics(self) -> dict:
         return {"block_tuning": self.tuning_results}
 
     def fp_reference(self) -> tuple[torch.nn.Module, str]:

@@ -174,9 +174,9 @@ class LayerwiseCalibration(BlockWalk):
     def walk_state(self) -> dict:
         layers = quantized_layers(self.model)
         return {"layers": {name: (m.layer_config(), m.tensors(), m.bias) for name, m in layers.items()},
-                **self.walk_metrics()}
+                **self.phase_metrics()}
 
-    def walk_metrics(self) -> dict:
+    def phase_metrics(self) -> dict:
         return {"layer_errors": self.layer_errors, "layer_history": self.layer_history,
                 "block_tuning": self.tuning_results}
 

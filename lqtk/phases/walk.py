@@ -115,7 +115,11 @@ class BlockWalk(LightningModule):
         """The fp model the phase's result is compared with, and its path (the model itself, before the walk)."""
         return self.model, self.model_path
 
-    def walk_metrics(self) -> dict:
+    def exported_model(self) -> torch.nn.Module:
+        """The model the export writes."""
+        return self.model
+
+    def phase_metrics(self) -> dict:
         """Per-layer and per-block figures for metrics.json."""
         raise NotImplementedError
 
