@@ -25,6 +25,7 @@ class QuantizedLinear(nn.Module):
                 self.register_buffer(name, tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._dense: tuple[tuple, torch.Tensor] | None = None  # (tensor versions, decoded weight)
+        self.weight_grad: torch.Tensor | None = None  # when set, training forwards add ∂L/∂Ŵ to it (PV-tuning)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.tensor_names}
@@ -40,9 +41,21 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self.tensors()
         decode_then_matmul = type(FORMATS[self.format]).linear is WeightFormat.linear
+        if self.weight_grad is not None and torch.is_grad_enabled():
+            if not decode_then_matmul:
+                raise LqtkError(f"the {self.format!r} format computes its matmul without a decoded weight: it has no "
+                                "∂L/∂Ŵ for PV-tuning")
+            weight = FORMATS[self.format].dequantize(tensors, self.spec)
+            if not weight.requires_grad:  # codes alone trained: Ŵ is a leaf of the graph
+                weight.requires_grad_()
+            weight.register_hook(self._add_weight_grad)
+            return F.linear(x, weight.to(x.dtype), self.bias)
         if decode_then_matmul and not any(t.requires_grad for t in tensors.values()):
             return F.linear(x, self._cached_dense(tensors).to(x.dtype), self.bias)
         return FORMATS[self.format].linear(x, tensors, self.spec, self.bias)
+
+    def _add_weight_grad(self, grad: torch.Tensor) -> None:
+        self.weight_grad.add_(grad)
 
     def _cached_dense(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The decoded weight, reused while no tensor changed (calibration and evaluation run many batches

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from lqtk.quant.base import QuantizedWeight, WeightFormat, WeightQuantizer, register_format
+from lqtk.quant.base import QuantizedWeight, WeightFormat, WeightQuantizer, largest_gains, register_format
 from lqtk.quant.primitives import check_scheme, minmax_qparams, mse_qparams, pack_bits, unpack_bits
 
 
@@ -22,15 +22,31 @@ class AffineFormat(WeightFormat):
     name = "affine"
 
     def dequantize(self, tensors: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
+        q = unpack_bits(tensors["qweight"], spec["bits"], spec["shape"][1])
+        scale, zero = self._per_weight(tensors, spec, q)
+        return (q - zero) * scale
+
+    def nearest_codes(self, tensors, spec, target, max_change, beam_size):
+        """Each weight's nearest grid point is found by rounding; the weights whose change gains most are taken."""
         bits, (_, in_features) = spec["bits"], spec["shape"]
         q = unpack_bits(tensors["qweight"], bits, in_features)
+        scale, zero = self._per_weight(tensors, spec, q)
+        current = (q - zero) * scale
+        proposed = torch.clamp(torch.round(target / scale) + zero, 0, 2**bits - 1)
+        gain = (current - target).square() - ((proposed - zero) * scale - target).square()
+        q = torch.where(largest_gains(gain, max_change), proposed.to(q.dtype), q)
+        return {name: t for name, t in tensors.items() if not t.is_floating_point()} | {"qweight": pack_bits(q, bits)}
+
+    def _per_weight(self, tensors, spec, q):
+        """Scale and zero point of every weight (O, I)."""
+        bits, (_, in_features) = spec["bits"], spec["shape"]
         scales = tensors["scales"].float()
         if "zeros" in tensors:
             zeros = unpack_bits(tensors["zeros"], bits, scales.shape[1])
         else:
             zeros = torch.full_like(scales, 2 ** (bits - 1))
         group = torch.arange(in_features, device=q.device) // (spec["group_size"] or in_features)
-        return (q - zeros[:, group]) * scales[:, group]
+        return scales[:, group], zeros[:, group]
 
 
 @dataclass

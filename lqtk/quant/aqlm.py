@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lqtk.errors import LqtkError
-from lqtk.quant.base import QuantizedWeight, WeightFormat, WeightQuantizer, register_format
+from lqtk.quant.base import QuantizedWeight, WeightFormat, WeightQuantizer, largest_gains, register_format
 from lqtk.quant.primitives import pack_bits, unpack_bits
 
 
@@ -35,6 +35,19 @@ class AQLMFormat(WeightFormat):
     def dequantize(self, tensors: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
         codebooks, scales = tensors["codebooks"], tensors["scales"]
         return decode(unpack_codes(tensors["codes"], spec), codebooks.float(), scales.float())
+
+    def nearest_codes(self, tensors, spec, target, max_change, beam_size):
+        """The beam search of `update_codes` on ||T − Ŵ||² (H = I: the groups decouple, all are re-chosen at once);
+        the groups whose change gains most are taken."""
+        codes = unpack_codes(tensors["codes"], spec)
+        codebooks, scales = tensors["codebooks"].float(), tensors["scales"].float()
+        out_features, groups, g = *codes.shape[:2], spec["in_group_size"]
+        residual = (target - decode(codes, codebooks, scales)).view(out_features, groups, g)
+        identity = torch.eye(g, device=target.device).expand(groups, g, g)
+        new_codes, delta = propose(residual, identity, codes, codebooks, scales, beam_size)
+        gain = 2 * (delta * residual).sum(-1) - delta.square().sum(-1)  # −ΔL of each group's change
+        codes = torch.where(largest_gains(gain, max_change)[..., None], new_codes, codes)
+        return {"codes": pack_bits(codes.view(out_features, -1), spec["nbits_per_codebook"])}
 
 
 def unpack_codes(packed: torch.Tensor, spec: dict) -> torch.Tensor:

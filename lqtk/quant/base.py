@@ -27,6 +27,20 @@ class WeightFormat:
     def linear(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], spec: dict, bias: torch.Tensor | None):
         return F.linear(x, self.dequantize(tensors, spec).to(x.dtype), bias)
 
+    def nearest_codes(self, tensors: dict[str, torch.Tensor], spec: dict, target: torch.Tensor, max_change: float,
+                      beam_size: int) -> dict[str, torch.Tensor]:
+        """All integer tensors, re-chosen with the floating ones fixed to bring the decoded weight nearer to the
+        dense `target` in squared error, changing at most a `max_change` fraction of the code units (PV-tuning's V
+        step). Formats without a code search leave this out."""
+        raise NotImplementedError
+
+
+def largest_gains(gain: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mask of the positive entries of `gain` among its ceil(fraction · numel) largest."""
+    count = min(gain.numel(), max(1, int(fraction * gain.numel() + 0.999999)))
+    threshold = gain.flatten().topk(count).values[-1]
+    return (gain >= threshold) & (gain > 0)
+
 
 FORMATS: dict[str, WeightFormat] = {}
 
