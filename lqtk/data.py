@@ -10,12 +10,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from datasets import load_dataset
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
 from lqtk.errors import LqtkError
@@ -90,6 +91,30 @@ def calibration_windows(tokens: torch.Tensor, count: int, seq_len: int, seed: in
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
 
 
+class GlobalBatches(Sampler[list[int]]):
+    """The batches of a data-parallel training run, the same on any number of processes.
+
+    Step s of epoch e is the global batch of windows order_e[s·B : (s+1)·B] (order_e a permutation seeded by seed and
+    e); process r of W takes the r-th of its W contiguous shares. Iteration starts at `position()` = (epoch, step),
+    read when iteration begins: a run resumed from a checkpoint (on any number of processes) goes on with the global
+    batches the interrupted run had not trained on yet, in the same order."""
+
+    def __init__(self, num_windows: int, global_batch_size: int, rank: int, world_size: int, seed: int,
+                 position: Callable[[], tuple[int, int]]):
+        self.num_windows, self.global_batch_size = num_windows, global_batch_size
+        self.seed, self.position = seed, position
+        self.share, self.offset = global_batch_size // world_size, rank * (global_batch_size // world_size)
+
+    def __len__(self) -> int:
+        return self.num_windows // self.global_batch_size
+
+    def __iter__(self):
+        epoch, step = self.position()
+        order = torch.randperm(self.num_windows, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        for start in range(step * self.global_batch_size, len(self) * self.global_batch_size, self.global_batch_size):
+            yield order[start + self.offset : start + self.offset + self.share].tolist()
+
+
 def evaluation_windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Non-overlapping windows of `seq_len` tokens over the whole text; the remainder is dropped."""
     count = len(tokens) // seq_len
@@ -111,9 +136,12 @@ class TextDataModule(LightningDataModule):
         dataset_config: The hub dataset's configuration (e.g. `wikitext-2-raw-v1`).
         seq_len: Tokens per window.
         num_calibration_windows: How many random calibration windows.
-        batch_size: Windows per batch.
-        seed: Seed of the calibration window offsets.
+        batch_size: Windows per batch (per forward pass and process when training).
+        seed: Seed of the calibration window offsets (and of the training order).
         bos: Start every window with the BOS token (then seq_len - 1 text tokens follow).
+        global_batch_size: Training phases: windows per optimizer step over all processes; the calibration windows
+            are then shuffled each epoch and dealt out to the processes (`GlobalBatches`), so the same global batches
+            reach the optimizer on any number of processes. Null: the calibration windows in order.
     """
 
     def __init__(
@@ -128,6 +156,7 @@ class TextDataModule(LightningDataModule):
         batch_size: int = 8,
         seed: int = 0,
         bos: bool = False,
+        global_batch_size: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -137,6 +166,7 @@ class TextDataModule(LightningDataModule):
         self.dataset, self.dataset_config = dataset, dataset_config
         self.seq_len, self.num_calibration_windows = seq_len, num_calibration_windows
         self.batch_size, self.seed, self.bos = batch_size, seed, bos
+        self.global_batch_size = global_batch_size
         self._tokens: dict[str, torch.Tensor] = {}
 
     def prepare_data(self) -> None:
@@ -186,7 +216,32 @@ class TextDataModule(LightningDataModule):
         return self._windows("evaluation")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.calibration_windows(), batch_size=self.batch_size)
+        windows = self.calibration_windows()
+        if self.global_batch_size is None:
+            return DataLoader(windows, batch_size=self.batch_size)
+        trainer, per_step = self.trainer, self.trainer.world_size * self.batch_size
+        if self.global_batch_size % per_step or not per_step <= self.global_batch_size <= len(windows):
+            raise LqtkError(f"data.global_batch_size={self.global_batch_size} must be a multiple of the {per_step} "
+                            f"windows one forward pass takes on {trainer.world_size} process(es) (data.batch_size "
+                            f"{self.batch_size}), and at most data.num_calibration_windows={len(windows)}: change one")
+
+        def position() -> tuple[int, int]:  # where the (possibly restored) fit loop stands
+            return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+        batches = GlobalBatches(len(windows), self.global_batch_size, trainer.global_rank, trainer.world_size,
+                                self.seed, position)
+        return DataLoader(windows, batch_sampler=batches)
+
+    def val_dataloader(self) -> DataLoader:
+        """This process's share of the evaluation windows as (inputs, targets), targets −100 (ignored) on rows that
+        pad the shares to equal length: every process must run the same number of forward passes."""
+        windows, world, rank = self.evaluation_windows(), self.trainer.world_size, self.trainer.global_rank
+        per_process = -(-len(windows) // (world * self.batch_size)) * self.batch_size
+        inputs = torch.zeros(world * per_process, windows.shape[1], dtype=windows.dtype)
+        targets = torch.full_like(inputs, -100)
+        inputs[: len(windows)] = targets[: len(windows)] = windows
+        rows = slice(rank * per_process, (rank + 1) * per_process)
+        return DataLoader(list(zip(inputs[rows], targets[rows])), batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.evaluation_windows(), batch_size=self.batch_size)
