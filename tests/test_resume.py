@@ -37,23 +37,9 @@ def kill_then_resume_matches(args, tmp_path):
     reference = tmp_path / "reference"
     proc = run_lqtk(*args(reference), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
     killed = tmp_path / "killed"
-    checkpoint = killed / "checkpoints" / "last.ckpt"
-    walk_time = json.loads((reference / "metrics.json").read_text())["quantize_time_s"]
-    seed = int(os.environ.get("LQTK_KILL_SEED", time.time_ns() % 10_000))
-    delay = random.Random(seed).uniform(0, 0.8 * walk_time)  # mostly mid-walk, sometimes during the export
-    print(f"kill seed {seed}: SIGKILL {delay:.2f} s after the first checkpoint (walk takes {walk_time:.2f} s)")
-    child = subprocess.Popen([*LQTK, *args(killed)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(delay)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
-
-    print("killed before the export was complete" if not (killed / "model").exists() else "killed after the end")
+    run_time = json.loads((reference / "metrics.json").read_text())["quantize_time_s"]
+    kill_at_random_moment(args(killed), killed, run_time, tmp_path)
     if not (killed / "model").exists():
         proc = run_lqtk(*args(killed, "--ckpt_path", "last"), cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,6 +47,24 @@ def kill_then_resume_matches(args, tmp_path):
     resumed = load_file(killed / "model" / "model.safetensors")
     assert expected.keys() == resumed.keys()
     assert all((expected[k] == resumed[k]).all() for k in expected)
+
+
+def kill_at_random_moment(args, run_dir, run_time, cwd) -> None:
+    """Start `lqtk *args` and SIGKILL its process group at a seeded random moment between its first checkpoint and
+    0.8 x `run_time` later (mostly mid-run, sometimes during the export)."""
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    seed = int(os.environ.get("LQTK_KILL_SEED", time.time_ns() % 10_000))
+    delay = random.Random(seed).uniform(0, 0.8 * run_time)
+    print(f"kill seed {seed}: SIGKILL {delay:.2f} s after the first checkpoint (the run takes {run_time:.2f} s)")
+    child = subprocess.Popen([*LQTK, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    print("killed before the export was complete" if not (run_dir / "model").exists() else "killed after the end")
 
 
 # Fewer rounds and iterations than the debug recipes: resuming is what is tested, and 3 runs must stay quick.

@@ -1,5 +1,6 @@
 from lqtk.phases.block_tuning import BlockTuning
+from lqtk.phases.distill import KLDistillation
 from lqtk.phases.finetune import BlockFinetune
 from lqtk.phases.layerwise import LayerwiseCalibration
 
-__all__ = ["BlockFinetune", "BlockTuning", "LayerwiseCalibration"]
+__all__ = ["BlockFinetune", "BlockTuning", "KLDistillation", "LayerwiseCalibration"]
