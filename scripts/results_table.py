@@ -23,6 +23,9 @@ TABLES = {
     "results-table": ["rtn-w4g128", "gptq-w4g128", "rtn-w3g128", "gptq-w3g128", "gptq-w3g128-mse", "rtn-w2g64",
                       "gptq-w2g64"],
     "aqlm-table": ["gptq-w2g64", "aqlm-2x8-g8", "aqlm-2x8-g8+aqlm-2x8-g8-ft", "gptq-w3g128", "aqlm-3x8-g8-ft"],
+    "distill-table": ["gptq-w2g64", "gptq-w2g64+gptq-w2g64-distill", "gptq-w2g64+gptq-w2g64-pv",
+                      "aqlm-2x8-g8+aqlm-2x8-g8-ft", "aqlm-2x8-g8+aqlm-2x8-g8-ft+aqlm-2x8-g8-distill",
+                      "aqlm-2x8-g8+aqlm-2x8-g8-ft+aqlm-2x8-g8-pv"],
 }
 
 
@@ -67,10 +70,36 @@ def aqlm_checks(rows: dict[str, dict]) -> str:
         lines.append(f"- aqlm-3x8-g8-ft / gptq-w3g128 perplexity: **{aqlm3['perplexity'] / w3['perplexity']:.3f}** "
                      f"(target < 1) at **{aqlm3['bits_per_weight'] - w3['bits_per_weight']:+.3f}** bits/weight "
                      "(target ≤ +0.1)")
-    missing = [row for row in TABLES["aqlm-table"] if row not in rows]
-    if missing:
-        lines.append(f"- not run yet: {', '.join(missing)}")
-    return "\n".join(lines)
+    return "\n".join(lines + not_run("aqlm-table", rows))
+
+
+def distill_checks(rows: dict[str, dict]) -> str:
+    """The distillation issue's targets: distillation lowers each student's perplexity, PV-tuning lowers it further
+    with the same steps, and the AQLM student ends within 2x fp."""
+    lines = [""]
+    for student in ("gptq-w2g64", "aqlm-2x8-g8+aqlm-2x8-g8-ft"):
+        name = student.split("+")[0]
+        distill, pv = f"{student}+{name}-distill", f"{student}+{name}-pv"
+        if {student, distill} <= rows.keys():
+            ratio = rows[distill]["perplexity"] / rows[student]["perplexity"]
+            lines.append(f"- {name}-distill / its student perplexity: **{ratio:.3f}** (target < 1)")
+        if {distill, pv} <= rows.keys():
+            ratio = rows[pv]["perplexity"] / rows[distill]["perplexity"]
+            lines.append(f"- {name}-pv / {name}-distill perplexity, same steps: **{ratio:.3f}** (target < 1)")
+    for row in TABLES["distill-table"][-2:]:
+        if row in rows:
+            m = rows[row]
+            lines.append(f"- {row.split('+')[-1]} × fp: **{m['ratio_to_fp']:.3f}** at {m['bits_per_weight']:.3f} "
+                         "bits/weight (goal ≤ 2)")
+    return "\n".join(lines + not_run("distill-table", rows))
+
+
+def not_run(name: str, rows: dict[str, dict]) -> list[str]:
+    missing = [row for row in TABLES[name] if row not in rows]
+    return [f"- not run yet: {', '.join(missing)}"] if missing else []
+
+
+CHECKS = {"aqlm-table": aqlm_checks, "distill-table": distill_checks}
 
 
 def main() -> None:
@@ -82,8 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = [(row, run_row(row, args.fresh)) for row in args.recipes or TABLES[args.table]]
     text = table(rows)
-    if args.table == "aqlm-table":
-        text += "\n" + aqlm_checks(dict(rows))
+    if args.table in CHECKS:
+        text += "\n" + CHECKS[args.table](dict(rows))
     print(text)
     if args.update_readme:
         update_readme_section(args.table, text)

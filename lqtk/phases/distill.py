@@ -94,10 +94,8 @@ class KLDistillation(LightningModule):
         student, teacher = load_student_and_teacher(self.model_path, self.teacher_path)
         student.requires_grad_(False).train()
         teacher.requires_grad_(False).eval()
-        self.storage_dtypes = {}
-        for name, layer in quantized_layers(student).items():  # trained in fp32, stored back in their own dtype
-            for tensor_name, tensor in layer.named_parameters(recurse=False):
-                self.storage_dtypes[f"{name}.{tensor_name}"] = tensor.dtype
+        for layer in quantized_layers(student).values():  # trained in fp32; the export stores them back in fp16
+            for tensor in layer.parameters(recurse=False):
                 tensor.data = tensor.data.float()
         for p in trainable_parameters(student, self.trainable):
             p.requires_grad_(True)
@@ -106,18 +104,19 @@ class KLDistillation(LightningModule):
                             "`trainable` groups, or distill a model exported by a calibration phase")
         if self.pv is not None:
             self.codes = StraightThroughCodes(student, self.pv)
+        device = self.trainer.strategy.root_device
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            mesh = torch.distributed.device_mesh.init_device_mesh(self.device.type, (self.trainer.world_size,))
+            mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (self.trainer.world_size,))
             for model in (student, teacher):
-                shard(model, mesh, self.compute_dtype())
-        teacher.to(self.device)
+                shard(model, mesh, self.compute_dtype(device))
+        teacher.to(device)
         if self.pv is not None:
-            self.codes.to(self.device)
+            self.codes.to(device)
         self.model = student
         self.__dict__["teacher"] = teacher  # outside the module tree: frozen, not checkpointed
 
-    def compute_dtype(self) -> torch.dtype:
-        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         use_bf16 = self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and bf16)
         return torch.bfloat16 if use_bf16 else torch.float32
 
@@ -175,7 +174,8 @@ class KLDistillation(LightningModule):
         scheduler.step()
         kl_mean = self.trainer.strategy.reduce(kl_sum, reduce_op="sum") / tokens
         self.log("kl", kl_mean, prog_bar=True)
-        self.history.append({"step": self.global_step, "kl": kl_mean.item()})
+        self.history.append({"step": self.global_step, "kl": kl_mean.item(),
+                             "time_s": self.quantize_time_s + time.perf_counter() - self.started})
 
     def kl_divergence(self, windows: torch.Tensor) -> torch.Tensor:
         """Σ over the positions of `windows` of KL(teacher ‖ student), at the temperature, times its square."""
@@ -190,14 +190,14 @@ class KLDistillation(LightningModule):
 
     def _kl_chunk(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            teacher_logp = F.log_softmax(self.teacher.lm_head(teacher_hidden).float() / self.temperature, dim=-1)
-        logp = F.log_softmax(self.model.lm_head(student_hidden).float() / self.temperature, dim=-1)
+            teacher_logp = F.log_softmax(head(self.teacher, teacher_hidden) / self.temperature, dim=-1)
+        logp = F.log_softmax(head(self.model, student_hidden) / self.temperature, dim=-1)
         return F.kl_div(logp, teacher_logp, log_target=True, reduction="sum")
 
     # --- validation ---------------------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
         inputs, targets = batch
-        logits = self.model(inputs, use_cache=False).logits
+        logits = head(self.model, self.model.model(inputs, use_cache=False).last_hidden_state)
         self.val_perplexity.update(logits[:, :-1].float(), targets[:, 1:])
 
     def on_validation_epoch_end(self) -> None:
@@ -275,6 +275,11 @@ class KLDistillation(LightningModule):
 
     def phase_metrics(self) -> dict:
         return {"distillation_history": self.history, "memory_per_process": self.memory}
+
+
+def head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits: the head is not sharded and keeps its fp32 weight under a bf16 compute dtype."""
+    return model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
 
 
 def trainable_parameters(model: nn.Module, groups: list[str]) -> list[nn.Parameter]:

@@ -37,16 +37,22 @@ class AQLMFormat(WeightFormat):
         return decode(unpack_codes(tensors["codes"], spec), codebooks.float(), scales.float())
 
     def nearest_codes(self, tensors, spec, target, max_change, beam_size):
-        """The beam search of `update_codes` on ||T − Ŵ||² (H = I: the groups decouple, all are re-chosen at once);
-        the groups whose change gains most are taken."""
+        """The beam search of `update_codes` on ||T − Ŵ||² (H = I: the groups decouple), run on the groups furthest
+        from their targets (4x the change budget: the others cannot gain more than those); the groups whose change
+        gains most are taken."""
         codes = unpack_codes(tensors["codes"], spec)
         codebooks, scales = tensors["codebooks"].float(), tensors["scales"].float()
         out_features, groups, g = *codes.shape[:2], spec["in_group_size"]
-        residual = (target - decode(codes, codebooks, scales)).view(out_features, groups, g)
-        identity = torch.eye(g, device=target.device).expand(groups, g, g)
-        new_codes, delta = propose(residual, identity, codes, codebooks, scales, beam_size)
-        gain = 2 * (delta * residual).sum(-1) - delta.square().sum(-1)  # −ΔL of each group's change
-        codes = torch.where(largest_gains(gain, max_change)[..., None], new_codes, codes)
+        residual = (target - decode(codes, codebooks, scales)).view(out_features * groups, 1, g)
+        candidates = residual.square().sum((1, 2)).topk(min(len(residual), math.ceil(4 * max_change * len(residual))))
+        picked = candidates.indices
+        codes = codes.view(out_features * groups, 1, -1)
+        identity = torch.eye(g, device=target.device)[None]
+        new_codes, delta = propose(residual[picked], identity, codes[picked], codebooks,
+                                   scales.repeat_interleave(groups, 0)[picked], beam_size)
+        gain = 2 * (delta * residual[picked]).sum(-1) - delta.square().sum(-1)  # −ΔL of each group's change
+        take = largest_gains(gain[:, 0], max_change * len(residual) / len(picked))
+        codes[picked[take]] = new_codes[take]
         return {"codes": pack_bits(codes.view(out_features, -1), spec["nbits_per_codebook"])}
 
 
