@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO
 from lqtk.cli import LqtkCLI
 from lqtk.data import TextDataModule
-from lqtk.phases import BlockFinetune, LayerwiseCalibration
+from lqtk.phases import BlockFinetune, KLDistillation, LayerwiseCalibration
 from lqtk.quant import WeightQuantizer
 
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
@@ -17,7 +17,8 @@ def test_there_are_recipes_for_every_method_and_width():
     names = {p.stem for p in RECIPES}
     assert {"rtn-w4g128", "rtn-w3g128", "rtn-w2g64", "gptq-w4g128", "gptq-w3g128", "gptq-w2g64",
             "gptq-w3g128-mse", "gptq-tiny", "aqlm-2x8-g8", "aqlm-2x8-g8-ft", "aqlm-3x8-g8-ft", "aqlm-tiny",
-            "aqlm-tiny-ft"} <= names
+            "aqlm-tiny-ft", "aqlm-2x8-g8-distill", "aqlm-2x8-g8-pv", "gptq-w2g64-distill", "gptq-w2g64-pv",
+            "aqlm-tiny-distill"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "configs")))
@@ -29,6 +30,10 @@ def test_recipe_instantiates(recipe: Path, tmp_path):
     if isinstance(cli.model, BlockFinetune):  # fine-tunes the export of the calibration recipe it is named after
         calibration = recipe.stem.removesuffix("-ft")
         assert cli.model.model_path == f"runs/{recipe.parent.name}/{calibration}/model"
+    elif isinstance(cli.model, KLDistillation):  # distills an export of the method it is named after
+        method = recipe.stem.removesuffix("-distill").removesuffix("-pv")
+        assert cli.model.model_path.startswith(f"runs/{recipe.parent.name}/{method}")
+        assert (cli.model.pv is not None) == recipe.stem.endswith("-pv")
     else:
         assert isinstance(cli.model, LayerwiseCalibration) and isinstance(cli.model.quantizer, WeightQuantizer)
         assert recipe.stem.startswith(type(cli.model.quantizer).__name__.lower())
