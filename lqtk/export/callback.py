@@ -94,9 +94,9 @@ class ExportQuantized(Callback):
             model.to("cpu")
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        model = pl_module.exported_model()  # every process: a sharded phase gathers its model
         if not trainer.is_global_zero:
             return
-        model = pl_module.exported_model()
         if not quantized_layers(model):
             raise LqtkError("the phase produced no quantized layer: check the recipe's `skip` list")
         self.dirpath.mkdir(parents=True, exist_ok=True)

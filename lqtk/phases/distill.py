@@ -150,7 +150,7 @@ class KLDistillation(LightningModule):
         return [StepCheckpoint(self.checkpoint_every_n_steps)]
 
     # --- training -----------------------------------------------------------------------------------------------
-    def on_train_start(self) -> None:
+    def on_fit_start(self) -> None:
         self.started = time.perf_counter()
 
     def training_step(self, windows: torch.Tensor, batch_idx: int) -> None:
@@ -232,24 +232,25 @@ class KLDistillation(LightningModule):
         if self.pv is not None:
             self.codes.load_state_dict(state["pv"])
 
-    def on_train_end(self) -> None:
-        """Gather the (possibly sharded) student into a plain model in its storage dtypes, for the export."""
+    def exported_model(self) -> nn.Module | None:
+        """Gather the (possibly sharded) student into a plain model in its storage dtypes, for the export. Called by
+        every process (the gather is collective); rank 0 gets the model, the others None."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         self.quantize_time_s += time.perf_counter() - self.started
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options)  # every process takes part in the gather
+        state = get_model_state_dict(self.model, options=options)
         self.memory = [self.memory_figures()] * self.trainer.world_size
         if self.trainer.world_size > 1:
             torch.distributed.all_gather_object(self.memory, self.memory[0])
-        if self.trainer.is_global_zero:
-            for rank, figures in enumerate(self.memory):
-                print(f"process {rank}: " + ", ".join(f"{k.removesuffix('_bytes')} {v / 2**20:.3f} MiB"
-                                                      for k, v in figures.items()))
-        if self.trainer.is_global_zero:
-            exported = load_causal_lm(self.model_path)
-            exported.load_state_dict(state)  # copies into the export's own dtypes (fp16 codebooks and scales)
-            self.__dict__["exported"] = exported
+        if not self.trainer.is_global_zero:
+            return None
+        for rank, figures in enumerate(self.memory):
+            print(f"process {rank}: " + ", ".join(f"{k.removesuffix('_bytes')} {v / 2**20:.3f} MiB"
+                                                  for k, v in figures.items()))
+        exported = load_causal_lm(self.model_path)
+        exported.load_state_dict(state)  # copies into the export's own dtypes (fp16 codebooks and scales)
+        return exported
 
     def memory_figures(self) -> dict[str, int]:
         """This process's bytes of parameters (sharded ones: its shards), of optimizer state, and its peak memory."""
@@ -266,9 +267,6 @@ class KLDistillation(LightningModule):
         return {"parameters_bytes": size(params),
                 "trainable_parameters_bytes": size(p for p in params if p.requires_grad),
                 "optimizer_state_bytes": size(state), "peak_memory_bytes": peak}
-
-    def exported_model(self) -> nn.Module:
-        return self.exported
 
     def fp_reference(self) -> tuple[nn.Module, str]:
         return load_causal_lm(self.teacher_path), self.teacher_path

@@ -116,7 +116,7 @@ class BlockWalk(LightningModule):
         return self.model, self.model_path
 
     def exported_model(self) -> torch.nn.Module:
-        """The model the export writes."""
+        """The model the export writes (called on every process; rank 0's is written)."""
         return self.model
 
     def phase_metrics(self) -> dict:
