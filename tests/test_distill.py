@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import LQTK, REPO
 from lqtk.quant import AQLM, GPTQ
 from lqtk.quant.base import FORMATS
-from test_cli import recipe_args, run_lqtk
+from test_cli import fails_with, recipe_args, run_lqtk
 from test_resume import QUICK, kill_at_random_moment
 
 DEBUG = REPO / "configs" / "debug"
@@ -173,3 +173,15 @@ def test_nearest_codes_bring_the_weight_nearer_to_the_target_within_the_change_b
         units = (fmt.dequantize(moved, quantized.spec) != quantized.dequantize())
         per_unit = quantized.spec.get("in_group_size", 1)  # an AQLM group changes together
         assert units.sum() / per_unit <= budget * weight.numel() / per_unit + 1
+
+
+def test_unknown_trainable_group_is_refused(capsys, corpus, students, tmp_path):
+    fails_with(capsys, distill_args(corpus, students, tmp_path / "run", "--model.init_args.trainable", "[codes]"),
+               "trainable=['codes']: choose a non-empty subset")
+
+
+@pytest.mark.slow
+def test_global_batch_that_processes_cannot_share_is_refused(corpus, students, tmp_path):
+    proc = run_lqtk(*distill_args(corpus, students, tmp_path / "run", "--data.global_batch_size", "3"), cwd=tmp_path)
+    assert proc.returncode != 0 and "data.global_batch_size=3 must be a multiple of the 2 windows" in proc.stderr
+    assert not (tmp_path / "run" / "model").exists()
