@@ -54,8 +54,8 @@ class StraightThroughCodes:
         self.targets = {name: w.clone() for name, w in weights.items()}
         self.moments = {name: (torch.zeros_like(w), torch.zeros_like(w)) for name, w in weights.items()}
         self.steps = 0
-        for layer in self.layers.values():
-            layer.weight_grad = torch.zeros_like(layer.quantized_weight.dequantize())
+        for name, layer in self.layers.items():
+            layer.weight_grad = torch.zeros_like(weights[name])
 
     def to(self, device: torch.device) -> "StraightThroughCodes":
         for name, layer in self.layers.items():
