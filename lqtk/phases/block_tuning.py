@@ -38,10 +38,12 @@ class BlockTuning:
     """Seed of the order of the training batches (with the block's index, so each block has its own)."""
 
 
-def trainable_parameters(block: nn.Module, tune_norms: bool) -> list[nn.Parameter]:
-    """The floating tensors of the block's quantized layers (frozen codes are buffers) and, optionally, its norms."""
-    params = [p for m in block.modules() if isinstance(m, QuantizedLinear) for p in m.parameters(recurse=False)
-              if p is not m.bias]
+def trainable_parameters(block: nn.Module, tune_norms: bool, tensors: list[str] | None = None) -> list[nn.Parameter]:
+    """The floating tensors of the block's quantized layers (frozen codes are buffers), only those named in
+    `tensors` if given (e.g. `scales`), and, optionally, its norms."""
+    params = [p for m in block.modules() if isinstance(m, QuantizedLinear)
+              for name, p in m.named_parameters(recurse=False)
+              if p is not m.bias and (tensors is None or name in tensors)]
     if tune_norms:
         params += [p for m in block.modules() if "norm" in type(m).__name__.lower()
                    for p in m.parameters(recurse=False)]

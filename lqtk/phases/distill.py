@@ -36,7 +36,8 @@ from torchmetrics.text import Perplexity
 
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, load_causal_lm
-from lqtk.nn import QuantizedLinear, quantized_layers
+from lqtk.nn import quantized_layers
+from lqtk.phases.block_tuning import trainable_parameters
 from lqtk.phases.finetune import load_student_and_teacher
 from lqtk.quant.pv import PVTuning, StraightThroughCodes
 
@@ -97,7 +98,7 @@ class KLDistillation(LightningModule):
         for layer in quantized_layers(student).values():  # trained in fp32; the export stores them back in fp16
             for tensor in layer.parameters(recurse=False):
                 tensor.data = tensor.data.float()
-        for p in trainable_parameters(student, self.trainable):
+        for p in trainable_parameters(student, "norms" in self.trainable, self.trainable):
             p.requires_grad_(True)
         if not any(p.requires_grad for p in student.parameters()):
             raise LqtkError(f"{self.model_path} has no {'/'.join(self.trainable)} tensors to train: choose other "
@@ -198,7 +199,7 @@ class KLDistillation(LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         inputs, targets = batch
         logits = head(self.model, self.model.model(inputs, use_cache=False).last_hidden_state)
-        self.val_perplexity.update(logits[:, :-1].float(), targets[:, 1:])
+        self.val_perplexity.update(logits[:, :-1], targets[:, 1:])
 
     def on_validation_epoch_end(self) -> None:
         perplexity = self.val_perplexity.compute()
@@ -278,16 +279,6 @@ class KLDistillation(LightningModule):
 def head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """fp32 logits: the head is not sharded and keeps its fp32 weight under a bf16 compute dtype."""
     return model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
-
-
-def trainable_parameters(model: nn.Module, groups: list[str]) -> list[nn.Parameter]:
-    """The floating tensors of the quantized layers named in `groups` (`codebooks`, `scales`) and the norms."""
-    params = [p for m in model.modules() if isinstance(m, QuantizedLinear) for name, p in
-              m.named_parameters(recurse=False) if name in groups]
-    if "norms" in groups:
-        params += [p for m in model.modules() if "norm" in type(m).__name__.lower()
-                   for p in m.parameters(recurse=False)]
-    return params
 
 
 def shard(model: nn.Module, mesh, compute_dtype: torch.dtype) -> None:
