@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 from conftest import LQTK, REPO
 from lqtk.quant import AQLM, GPTQ
+from lqtk.nn import QuantizedLinear
 from lqtk.quant.base import FORMATS
+from lqtk.quant.pv import PVTuning, StraightThroughCodes
 from test_cli import fails_with, recipe_args, run_lqtk
 from test_resume import QUICK, kill_at_random_moment
 
@@ -173,6 +175,19 @@ def test_nearest_codes_bring_the_weight_nearer_to_the_target_within_the_change_b
         units = (fmt.dequantize(moved, quantized.spec) != quantized.dequantize())
         per_unit = quantized.spec.get("in_group_size", 1)  # an AQLM group changes together
         assert units.sum() / per_unit <= budget * weight.numel() / per_unit + 1
+
+
+@pytest.mark.parametrize("trust_ratio", [None, 0.05])
+def test_v_step_keeps_the_weight_change_within_the_trust_ratio(trust_ratio):
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(32, 64, generator=gen), torch.randn(256, 64, generator=gen)
+    quantizer = AQLM(num_codebooks=2, nbits_per_codebook=4, in_group_size=4, max_rounds=1)
+    model = torch.nn.Sequential(QuantizedLinear(quantizer.quantize(weight, x.T @ x / len(x))))
+    codes = StraightThroughCodes(model, PVTuning(lr=0.3, max_code_change=0.5, trust_ratio=trust_ratio))
+    model[0].weight_grad.copy_(torch.randn(32, 64, generator=gen))  # as if a backward pass had left it
+    change = codes.step()
+    assert 0 < change["code_change"] <= 0.5 + 1e-6
+    assert change["weight_change"] > 0.05 if trust_ratio is None else 0 < change["weight_change"] <= trust_ratio
 
 
 def test_unknown_trainable_group_is_refused(capsys, corpus, students, tmp_path):

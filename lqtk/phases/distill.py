@@ -170,12 +170,12 @@ class KLDistillation(LightningModule):
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         optimizer.step()  # P step: the continuous parameters
         optimizer.zero_grad(set_to_none=True)
-        if self.pv is not None:
-            self.codes.step()  # V step: the codes, from the gradient of the decoded weights
+        # V step: the codes, from the gradient of the decoded weights
+        code_changes = {} if self.pv is None else self.codes.step()
         scheduler.step()
         kl_mean = self.trainer.strategy.reduce(kl_sum, reduce_op="sum") / tokens
         self.log("kl", kl_mean, prog_bar=True)
-        self.history.append({"step": self.global_step, "kl": kl_mean.item(),
+        self.history.append({"step": self.global_step, "kl": kl_mean.item(), **code_changes,
                              "time_s": self.quantize_time_s + time.perf_counter() - self.started})
 
     def kl_divergence(self, windows: torch.Tensor) -> torch.Tensor:

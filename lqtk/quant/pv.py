@@ -7,7 +7,9 @@ step works on the decoded weight Ŵ of each quantized layer instead:
     2. a straight-through target T (a dense copy of the weight, T = Ŵ at the start) takes an Adam step with it;
     3. the format re-chooses codes to bring Ŵ nearer to T (`WeightFormat.nearest_codes`: AQLM's beam search, rounding
        for scalar codes), changing at most `max_code_change` of the layer's code units per step, those that gain
-       most. T keeps the updates too small to flip a code, so they add up over steps until one does.
+       most. T keeps the updates too small to flip a code, so they add up over steps until one does. With
+       `trust_ratio` the change also moves Ŵ by at most that fraction of its norm (as the authors' `code_trust_ratio`):
+       the allowed fraction of changes is halved until it does, the largest gains kept.
 
 The targets and their Adam moments are replicated on every process (each gets the same summed gradient and applies
 the same update), so they are complete in any process's checkpoint and resume on any number of processes; the code
@@ -37,6 +39,8 @@ class PVTuning:
     """At most this fraction of a layer's code units (AQLM groups, scalar weights) changes per step."""
     beam_size: int = 4
     """Code states kept per group by AQLM's beam search."""
+    trust_ratio: float | None = None
+    """At most this ||Ŵ_new − Ŵ|| / ||Ŵ|| per layer and step (null: only max_code_change bounds it)."""
 
 
 class StraightThroughCodes:
@@ -65,13 +69,15 @@ class StraightThroughCodes:
         return self
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self) -> dict[str, float]:
         """Steps 2 and 3 for every layer; zeroes the gradient accumulators. Called by every process (the gradient
-        sum, the gathering of sharded codebooks and scales and the code broadcast are collective)."""
+        sum, the gathering of sharded codebooks and scales and the code broadcast are collective). Returns, over all
+        layers, the fraction of weights whose decoded value changed and ||Ŵ_new − Ŵ|| / ||Ŵ||."""
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         self.steps += 1
         beta1, beta2 = self.config.betas
+        changed = torch.zeros(3)  # changed weights, ||ΔŴ||², ||Ŵ||² over the layers this process searched
         for index, (name, layer) in enumerate(self.layers.items()):
             grad = layer.weight_grad
             if distributed:
@@ -86,14 +92,32 @@ class StraightThroughCodes:
             tensors = {key: full(t) for key, t in layer.tensors().items()}
             owner = index % world
             if rank == owner:
-                codes = FORMATS[layer.format].nearest_codes(tensors, layer.spec, self.targets[name],
-                                                            self.config.max_code_change, self.config.beam_size)
+                codes, delta, norm = self.nearest_codes(name, layer, tensors)
+                changed += torch.tensor([(delta != 0).sum().item(), delta.square().sum().item(), norm**2])
             else:
                 codes = {key: torch.empty_like(tensors[key]) for key in tensors if not tensors[key].is_floating_point()}
             for key, value in codes.items():
                 if distributed:
                     dist.broadcast(value, src=owner)
                 getattr(layer, key).copy_(value)
+        if distributed:
+            changed = changed.to(grad.device)
+            dist.all_reduce(changed)
+        weights = sum(layer.weight_grad.numel() for layer in self.layers.values())
+        return {"code_change": changed[0].item() / weights, "weight_change": (changed[1] / changed[2]).sqrt().item()}
+
+    def nearest_codes(self, name: str, layer, tensors: dict) -> tuple[dict, torch.Tensor, float]:
+        """The format's code search towards the layer's target within the step's bounds; its codes, ΔŴ, ||Ŵ||."""
+        fmt = FORMATS[layer.format]
+        weight = fmt.dequantize(tensors, layer.spec)
+        norm, fraction = weight.norm().item(), self.config.max_code_change
+        while fraction * weight.numel() >= 1:  # below one weight's worth, no change fits
+            codes = fmt.nearest_codes(tensors, layer.spec, self.targets[name], fraction, self.config.beam_size)
+            delta = fmt.dequantize({**tensors, **codes}, layer.spec) - weight
+            if self.config.trust_ratio is None or delta.norm() <= self.config.trust_ratio * norm:
+                return codes, delta, norm
+            fraction /= 2
+        return {key: t for key, t in tensors.items() if not t.is_floating_point()}, torch.zeros_like(weight), norm
 
     def state_dict(self) -> dict:
         return {"targets": self.targets, "moments": self.moments, "steps": self.steps}
