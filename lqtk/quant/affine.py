@@ -7,7 +7,8 @@ from typing import Literal
 import torch
 
 from lqtk.quant.base import QuantizedWeight, WeightFormat, WeightQuantizer, largest_gains, register_format
-from lqtk.quant.primitives import check_scheme, minmax_qparams, mse_qparams, pack_bits, unpack_bits
+from lqtk.quant.primitives import (check_scheme, minmax_qparams, mse_qparams, pack_bits, quantize_affine,
+                                   unpack_bits)
 
 
 @register_format
@@ -81,6 +82,26 @@ class AffineQuantizer(WeightQuantizer):
         else:
             scale, zero = minmax_qparams(w, self.bits, self.symmetric)
         return scale.half().float(), zero
+
+    # The grid interface of GPTQ's error-feedback loop (other grids, e.g. LeanQuant's, override these four).
+    def column_importance(self, hessian: torch.Tensor, inverse_cholesky: torch.Tensor) -> torch.Tensor:
+        """Weight of each input column (I,) in a group's scale search: diag(H), where the inputs are large."""
+        return hessian.diagonal()
+
+    def fit_grid(self, w: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid of a group `w` (O, n): its scale and zero (O, 1)."""
+        return self.qparams(w, importance)
+
+    def round_to_grid(self, column: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (O,) of a column (O,) on its group's grid, and their values."""
+        scale, zero = grid[0][:, 0], grid[1][:, 0]
+        q = quantize_affine(column, scale, zero, self.bits)
+        return q.long(), (q - zero) * scale
+
+    def pack_grids(self, method: str, codes: torch.Tensor, grids: list) -> QuantizedWeight:
+        """Store codes (O, I) and the grid of each group."""
+        scales, zeros = zip(*grids)
+        return self.pack(method, codes, torch.cat(scales, 1), torch.cat(zeros, 1).long())
 
     def pack(self, method: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> QuantizedWeight:
         """Store codes (O, I), scales (O, G) and zeros (O, G) in the `affine` format."""

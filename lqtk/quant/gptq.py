@@ -17,7 +17,7 @@ import torch
 from lqtk.errors import LqtkError
 from lqtk.quant.affine import AffineQuantizer
 from lqtk.quant.base import QuantizedWeight
-from lqtk.quant.primitives import group_starts, quantize_affine
+from lqtk.quant.primitives import group_starts
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, damp_increment: float, max_damp: float = 1.0):
@@ -42,7 +42,9 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, damp_increment:
 
 @dataclass
 class GPTQ(AffineQuantizer):
-    """GPTQ on the affine grid of `AffineQuantizer`."""
+    """GPTQ on the affine grid of `AffineQuantizer` (subclasses bring other grids)."""
+
+    method = "gptq"
 
     act_order: bool = True
     """Quantize columns by decreasing Hessian diagonal (the most sensitive inputs first)."""
@@ -55,9 +57,8 @@ class GPTQ(AffineQuantizer):
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None, progress=None) -> QuantizedWeight:
         if hessian is None:
-            raise ValueError("GPTQ needs the calibration Hessian of the layer's inputs")
-        codes, scales, zeros = gptq_quantize(weight, hessian, self)
-        return self.pack("gptq", codes, scales, zeros)
+            raise ValueError(f"{type(self).__name__} needs the calibration Hessian of the layer's inputs")
+        return self.pack_grids(self.method, *gptq_quantize(weight, hessian, self))
 
 
 @contextmanager
@@ -74,26 +75,23 @@ def one_cpu_thread():
 
 @one_cpu_thread()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
-    """Quantize weight (O, I) given H (I, I). Returns codes (O, I), scales (O, G), zeros (O, G)."""
+    """Quantize weight (O, I) given H (I, I) on the config's grid. Returns codes (O, I) and the grid of each group."""
     W = weight.float().clone()
     H = hessian.float().clone()
     out_features, in_features = W.shape
     dead = H.diagonal() == 0  # inputs that were always zero: any value is exact, make them 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    importance = H.diagonal().clone()
-
-    perm = torch.argsort(importance, descending=True) if config.act_order else torch.arange(in_features)
+    perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(in_features)
     W, H = W[:, perm], H[perm][:, perm]
     U = inverse_hessian_cholesky(H, config.damp, config.damp_increment)
+    position = torch.argsort(perm)  # original column -> its place in the walk
+    importance = config.column_importance(H, U)[position]
 
     starts = group_starts(in_features, config.group_size)
     bounds = list(zip(starts, starts[1:] + [in_features]))
-    position = torch.argsort(perm)  # original column -> its place in the walk
     group_of = (perm // bounds[0][1]).tolist()  # every group but the last is bounds[0][1] wide
-    scales = torch.zeros(out_features, len(bounds))
-    zeros = torch.zeros(out_features, len(bounds))
-    ready = [False] * len(bounds)
+    grids = [None] * len(bounds)
     codes = torch.zeros(out_features, in_features, dtype=torch.int64)
 
     for i1 in range(0, in_features, config.block_size):
@@ -103,21 +101,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
         for i in range(i2 - i1):
             j = i1 + i
             g = group_of[j]
-            if not ready[g]:
+            if grids[g] is None:
                 # The group's columns are all still ahead of the walk; bring them up to date with the errors
                 # of this block so far (the lazy update has not reached W yet) and fix the group's grid.
                 start, end = bounds[g]
                 cols = position[start:end]
-                current = W[:, cols] - Err1[:, :i] @ U[i1:j, cols]
-                s, z = config.qparams(current, importance[start:end])
-                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-                ready[g] = True
-            s, z = scales[:, g], zeros[:, g]
-            q = quantize_affine(W1[:, i], s, z, config.bits)
-            codes[:, j] = q.long()
-            err = (W1[:, i] - (q - z) * s) / U[j, j]
+                grids[g] = config.fit_grid(W[:, cols] - Err1[:, :i] @ U[i1:j, cols], importance[start:end])
+            q, value = config.round_to_grid(W1[:, i], grids[g])
+            codes[:, j] = q
+            err = (W1[:, i] - value) / U[j, j]
             W1[:, i:] -= err[:, None] * U[j, j:i2][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
-    return codes[:, position], scales, zeros.long()
+    return codes[:, position], grids
