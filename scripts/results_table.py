@@ -1,6 +1,6 @@
 """Quantize the reference model with each recipe (or chain of recipes) and print a results table (markdown).
 
-    python scripts/results_table.py [--table results-table|aqlm-table] [--recipes a b+c ...] [--fresh] [--update-readme]
+    python scripts/results_table.py [--table results-table|aqlm-table|distill-table|quip-table] [--recipes a b+c ...] [--fresh] [--update-readme]
 
 A row is a recipe, or a chain `calibration+finetune` run by `lqtk chain` into runs/table/<recipe>: a phase already
 finished there is reused (so a re-run after a stop continues, and chains share their first phase); --fresh deletes a
@@ -26,6 +26,9 @@ TABLES = {
     "distill-table": ["gptq-w2g64", "gptq-w2g64+gptq-w2g64-distill", "gptq-w2g64+gptq-w2g64-pv",
                       "aqlm-2x8-g8+aqlm-2x8-g8-ft", "aqlm-2x8-g8+aqlm-2x8-g8-ft+aqlm-2x8-g8-distill",
                       "aqlm-2x8-g8+aqlm-2x8-g8-ft+aqlm-2x8-g8-pv"],
+    "quip-table": ["gptq-w2g64", "quip-w2", "leanquant-nu-w2", "quip-leanquant-nu-w2", "gptq-w3g128",
+                   "gptq-w3g128-mse", "leanquant-nu-w3", "leanquant-aff-w3g128", "quip-w3", "gptq-w4g128",
+                   "leanquant-nu-w4", "quip-w4"],
 }
 
 
@@ -94,12 +97,26 @@ def distill_checks(rows: dict[str, dict]) -> str:
     return "\n".join(lines + not_run("distill-table", rows))
 
 
+def quip_checks(rows: dict[str, dict]) -> str:
+    """The QuIP/LeanQuant issue's targets: lower perplexity than the GPTQ row at equal or fewer bits/weight."""
+    lines = [""]
+    for method, baseline, target in [("quip-w2", "gptq-w2g64", "< 1"), ("leanquant-nu-w3", "gptq-w3g128", "< 1"),
+                                     ("leanquant-nu-w3", "gptq-w3g128-mse", "< 1, the goal"),
+                                     ("leanquant-aff-w3g128", "gptq-w3g128", "≤ 1")]:
+        if {method, baseline} <= rows.keys():
+            m, b = rows[method], rows[baseline]
+            lines.append(f"- {method} / {baseline} perplexity: **{m['perplexity'] / b['perplexity']:.3f}** "
+                         f"(target {target}) at **{m['bits_per_weight'] - b['bits_per_weight']:+.3f}** bits/weight "
+                         "(target ≤ 0)")
+    return "\n".join(lines + not_run("quip-table", rows))
+
+
 def not_run(name: str, rows: dict[str, dict]) -> list[str]:
     missing = [row for row in TABLES[name] if row not in rows]
     return [f"- not run yet: {', '.join(missing)}"] if missing else []
 
 
-CHECKS = {"aqlm-table": aqlm_checks, "distill-table": distill_checks}
+CHECKS = {"aqlm-table": aqlm_checks, "distill-table": distill_checks, "quip-table": quip_checks}
 
 
 def main() -> None:

@@ -4,9 +4,11 @@ from lqtk.quant.affine import AffineFormat, AffineQuantizer
 from lqtk.quant.aqlm import AQLM, AQLMFormat
 from lqtk.quant.base import FORMATS, QuantizedWeight, WeightFormat, WeightQuantizer, accumulate_hessian
 from lqtk.quant.gptq import GPTQ
+from lqtk.quant.incoherence import IncoherentFormat, QuIP
+from lqtk.quant.leanquant import LeanQuant, LUTFormat
 from lqtk.quant.rtn import RTN
 
 __all__ = [
-    "AQLM", "FORMATS", "GPTQ", "RTN", "AQLMFormat", "AffineFormat", "AffineQuantizer", "QuantizedWeight",
-    "WeightFormat", "WeightQuantizer", "accumulate_hessian",
+    "AQLM", "FORMATS", "GPTQ", "RTN", "AQLMFormat", "AffineFormat", "AffineQuantizer", "IncoherentFormat",
+    "LUTFormat", "LeanQuant", "QuIP", "QuantizedWeight", "WeightFormat", "WeightQuantizer", "accumulate_hessian",
 ]
