@@ -1,4 +1,4 @@
-"""`lqtk`: a thin command line over LightningCLI (phases) and two utilities.
+"""`lqtk`: a thin command line over LightningCLI (phases) and three utilities.
 
     lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml [--ckpt_path last] [--overwrite true]
     lqtk chain configs/smollm2-135m/aqlm-2x8-g8.yaml configs/smollm2-135m/aqlm-2x8-g8-ft.yaml [--root DIR] [ARGS]
@@ -119,6 +119,16 @@ def recipe_root_dir(config: Path) -> str:
 
 
 COMMANDS = {"prepare-model": prepare_model_command, "evaluate": evaluate_command, "chain": chain_command}
+USAGE = """usage: lqtk <command> [options]
+
+commands:
+  fit            run one phase (calibrate, fine-tune, distill) from a recipe: lqtk fit --config R.yaml
+  chain          run recipes one after another, each phase on the previous one's export
+  prepare-model  build a reference model (smollm2-135m, tiny-llama) into the cache folder
+  evaluate       perplexity of an fp or lqtk-quantized model on text files
+
+`lqtk <command> --help` lists a command's options; a stopped `fit` or `chain` continues with --ckpt_path last
+(`chain`: the same command again)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,11 +136,17 @@ def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`")  # phases need no optimizer
+    if not words or words[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if words else 2)
     try:
-        if words and words[0] in COMMANDS:
+        if words[0] in COMMANDS:
             COMMANDS[words[0]](words[1:])
-        else:
+        elif words[0] == "fit":
             fit(argv)
+        else:
+            raise LqtkError(f"unknown command {words[0]!r}: use one of fit, {', '.join(COMMANDS)} (lqtk --help); "
+                            "phases only fit, and `lqtk evaluate` measures perplexity")
     except Exception as err:
         cause = user_error(err)
         if cause is None:

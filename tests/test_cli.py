@@ -144,3 +144,16 @@ def test_evaluate_refuses_missing_model(tmp_path):
     proc = run_lqtk("evaluate", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "x.json"),
                     cwd=tmp_path)
     assert proc.returncode != 0 and "does not exist" in proc.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_help_lists_every_command_and_only_those(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"\n  {command} " in out for command in ("fit", "chain", "prepare-model", "evaluate"))
+    assert not any(word in out for word in ("validate", "predict"))
+
+
+def test_lightning_commands_a_phase_does_not_support_are_refused(capsys):
+    fails_with(capsys, ["validate", "--config", "configs/debug/gptq-tiny.yaml"], "unknown command 'validate'")
