@@ -6,6 +6,11 @@ through the upper Cholesky factor U of H⁻¹, which minimises ||(W - Q) X||² g
 columns are visited by decreasing diag(H), but groups stay in the original column order (so the stored format
 needs no g_idx): a group's scale and zero are fixed when the walk first reaches one of its columns, from that
 group's weights as updated so far.
+
+Without act-order this loop is also QuIP's LDLQ (Chee et al. 2023, https://arxiv.org/abs/2307.13304, Theorem 6):
+Ŵ = Q(W + (W − Ŵ) Ù) with H = (Ù + I) D (Ù + I)ᵀ, Ù strictly upper triangular, is the same rounding, because
+column k's feedback U[k, k:] / U[k, k] is row k of (Ù + I)⁻¹ (tests/test_quip_leanquant.py checks the codes agree).
+The grid is the config's (`fit_grid`, `round_to_grid`): affine here, LeanQuant's in `leanquant.py`.
 """
 
 import warnings
