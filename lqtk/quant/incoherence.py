@@ -53,15 +53,19 @@ def random_factors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def walsh_hadamard(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Orthonormal Walsh–Hadamard transform along `dim` (a power of two long), by log2 butterfly passes."""
+    """Orthonormal Walsh–Hadamard transform along `dim` (a power of two long), by log2 butterfly passes in place."""
     x = x.movedim(dim, -1)
     shape, n = x.shape, x.shape[-1]
+    x = x.reshape(-1, n).clone()
     h = 1
     while h < n:
-        pairs = x.reshape(*shape[:-1], n // (2 * h), 2, h)
-        x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
+        pairs = x.view(-1, n // (2 * h), 2, h)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        total = a + b
+        b.neg_().add_(a)  # a − b
+        a.copy_(total)
         h *= 2
-    return (x.reshape(shape) / math.sqrt(n)).movedim(-1, dim)
+    return (x.view(shape) / math.sqrt(n)).movedim(-1, dim)
 
 
 def rotate(x: torch.Tensor, seed: int, transpose: bool = False) -> torch.Tensor:
