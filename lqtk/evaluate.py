@@ -11,7 +11,25 @@ from torchmetrics.text import Perplexity
 
 from lqtk.models import cache_dir
 
-EVAL_BATCH_SIZE = 2  # windows per forward: the logits of a 49k vocabulary are 100 MB per window of 512
+EVAL_BATCH_SIZE = 2  # windows per forward
+LOGIT_POSITIONS = 256  # positions whose logits exist at once: 256 x a 262k vocabulary is 268 MB in fp32
+
+
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the final hidden states `hidden`: the model's head (in its weight's dtype), and the final
+    soft-capping of the models that have one (Gemma-2)."""
+    head = model.get_output_embeddings()
+    logits = head(hidden.to(head.weight.dtype)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def logits_in_chunks(model: torch.nn.Module, windows: torch.Tensor, positions: int = LOGIT_POSITIONS):
+    """Yield (start, fp32 logits (B, n, V) of positions start..start+n) of `model` on `windows` (B, T): the body
+    runs once, the head on `positions` positions at a time, so that (tokens x vocabulary) logits never all exist."""
+    hidden = model.get_decoder()(windows, use_cache=False).last_hidden_state
+    for start in range(0, hidden.shape[1], positions):
+        yield start, output_logits(model, hidden[:, start:start + positions])
 
 
 @torch.no_grad()
@@ -21,8 +39,9 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     device = next(model.parameters()).device
     for batch in windows.split(batch_size):
         batch = batch.to(device)
-        logits = model(batch, use_cache=False).logits.float()
-        metric.update(logits[:, :-1].cpu(), batch[:, 1:].cpu())
+        targets = batch[:, 1:].cpu()
+        for start, logits in logits_in_chunks(model, batch[:, :-1]):  # the last position predicts nothing here
+            metric.update(logits.cpu(), targets[:, start:start + logits.shape[1]])
     return metric.compute().item(), windows.shape[0] * (windows.shape[1] - 1)
 
 

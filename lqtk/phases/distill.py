@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from torchmetrics.text import Perplexity
 
 from lqtk.errors import LqtkError
+from lqtk.evaluate import logits_in_chunks, output_logits
 from lqtk.models import decoder_blocks, load_causal_lm
 from lqtk.nn import quantized_layers
 from lqtk.phases.block_tuning import trainable_parameters
@@ -191,15 +192,15 @@ class KLDistillation(LightningModule):
 
     def _kl_chunk(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            teacher_logp = F.log_softmax(head(self.teacher, teacher_hidden) / self.temperature, dim=-1)
-        logp = F.log_softmax(head(self.model, student_hidden) / self.temperature, dim=-1)
+            teacher_logp = F.log_softmax(output_logits(self.teacher, teacher_hidden) / self.temperature, dim=-1)
+        logp = F.log_softmax(output_logits(self.model, student_hidden) / self.temperature, dim=-1)
         return F.kl_div(logp, teacher_logp, log_target=True, reduction="sum")
 
     # --- validation ---------------------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
         inputs, targets = batch
-        logits = head(self.model, self.model.model(inputs, use_cache=False).last_hidden_state)
-        self.val_perplexity.update(logits[:, :-1], targets[:, 1:])
+        for start, logits in logits_in_chunks(self.model, inputs[:, :-1]):
+            self.val_perplexity.update(logits, targets[:, 1 + start:1 + start + logits.shape[1]])
 
     def on_validation_epoch_end(self) -> None:
         perplexity = self.val_perplexity.compute()
@@ -274,11 +275,6 @@ class KLDistillation(LightningModule):
 
     def phase_metrics(self) -> dict:
         return {"distillation_history": self.history, "memory_per_process": self.memory}
-
-
-def head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits: the head is not sharded and keeps its fp32 weight under a bf16 compute dtype."""
-    return model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
 
 
 def shard(model: nn.Module, mesh, compute_dtype: torch.dtype) -> None:
