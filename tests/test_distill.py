@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import LQTK, REPO
-from lqtk.quant import AQLM, GPTQ
+from lqtk.quant import AQLM, GPTQ, LeanQuant
 from lqtk.nn import QuantizedLinear
 from lqtk.quant.base import FORMATS
 from lqtk.quant.pv import PVTuning, StraightThroughCodes
@@ -157,8 +157,8 @@ def test_8bit_adamw_under_fsdp2_is_refused(corpus, students, tmp_path):
     assert not (tmp_path / "run" / "model").exists()
 
 
-@pytest.mark.parametrize("quantizer", [GPTQ(bits=2, group_size=16), AQLM(num_codebooks=2, nbits_per_codebook=4,
-                                                                        in_group_size=4, max_rounds=1)])
+@pytest.mark.parametrize("quantizer", [GPTQ(bits=2, group_size=16), LeanQuant(bits=2),
+                                       AQLM(num_codebooks=2, nbits_per_codebook=4, in_group_size=4, max_rounds=1)])
 def test_nearest_codes_bring_the_weight_nearer_to_the_target_within_the_change_budget(quantizer):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(32, 64, generator=gen)

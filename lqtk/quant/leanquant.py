@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from lqtk.errors import LqtkError
-from lqtk.quant.base import QuantizedWeight, WeightFormat, register_format
+from lqtk.quant.base import QuantizedWeight, WeightFormat, largest_gains, register_format
 from lqtk.quant.gptq import GPTQ
 from lqtk.quant.primitives import pack_bits, unpack_bits
 
@@ -36,6 +36,15 @@ class LUTFormat(WeightFormat):
     def dequantize(self, tensors, spec):
         q = unpack_bits(tensors["qweight"], spec["bits"], spec["shape"][1])
         return tensors["levels"].float().gather(1, q)
+
+    def nearest_codes(self, tensors, spec, target, max_change, beam_size):
+        """Each weight's nearest level of its row; the weights whose change gains most are taken."""
+        levels = tensors["levels"].float()
+        q = unpack_bits(tensors["qweight"], spec["bits"], spec["shape"][1])
+        proposed = nearest_level(target, levels)
+        gain = (levels.gather(1, q) - target).square() - (levels.gather(1, proposed) - target).square()
+        q = torch.where(largest_gains(gain, max_change), proposed, q)
+        return {"qweight": pack_bits(q, spec["bits"])}
 
 
 def nearest_level(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
