@@ -40,10 +40,12 @@ def main() -> None:
     quantizer = LeanQuant()
     importance = quantizer.column_importance(hessian, inverse_hessian_cholesky(hessian, quantizer.damp, 0.01))
     lines = [f"Block 0 {LAYER} ({weight.shape[0]} x {weight.shape[1]}), `python scripts/bench_grids.py`:", "",
-             "| bits | levels per row | batched (s) | per-row loop (s) | speed-up | same levels |", "|---|---|---|---|---|---|"]
+             "| bits | levels per row | batched (s) | per-row loop (s) | speed-up | same levels |",
+             "|---|---|---|---|---|---|"]
     for bits in args.bits:
         batched, levels = seconds(lambda: weighted_kmeans(weight, importance, 2**bits))
-        looped, per_row = seconds(lambda: torch.cat([weighted_kmeans(row[None], importance, 2**bits) for row in weight]))
+        looped, per_row = seconds(lambda: torch.cat([weighted_kmeans(row[None], importance, 2**bits)
+                                                     for row in weight]))
         same = torch.allclose(levels, per_row, atol=1e-6)
         lines.append(f"| {bits} | {2**bits} | {batched:.2f} | {looped:.2f} | {looped / batched:.1f}x | {same} |")
     text = "\n".join(lines)

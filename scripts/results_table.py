@@ -1,6 +1,7 @@
 """Quantize the reference model with each recipe (or chain of recipes) and print a results table (markdown).
 
-    python scripts/results_table.py [--table results-table|aqlm-table|distill-table|quip-table] [--recipes a b+c ...] [--fresh] [--update-readme]
+    python scripts/results_table.py [--table results-table|aqlm-table|distill-table|quip-table]
+                                    [--recipes a b+c ...] [--fresh] [--update-readme]
 
 A row is a recipe, or a chain `calibration+finetune` run by `lqtk chain` into runs/table/<recipe>: a phase already
 finished there is reused (so a re-run after a stop continues, and chains share their first phase); --fresh deletes a

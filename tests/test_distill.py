@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import LQTK, REPO
-from lqtk.quant import AQLM, GPTQ, LeanQuant
 from lqtk.nn import QuantizedLinear
+from lqtk.quant import AQLM, GPTQ, LeanQuant
 from lqtk.quant.base import FORMATS
 from lqtk.quant.pv import PVTuning, StraightThroughCodes
 from test_cli import fails_with, recipe_args, run_lqtk

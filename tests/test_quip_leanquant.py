@@ -13,7 +13,7 @@ from torch import nn
 from lqtk.errors import LqtkError
 from lqtk.models import build_tiny_llama
 from lqtk.nn import QuantizedLinear
-from lqtk.quant import FORMATS, GPTQ, LeanQuant, QuIP, QuantizedWeight, WeightFormat, WeightQuantizer
+from lqtk.quant import GPTQ, LeanQuant, QuantizedWeight, QuIP, WeightFormat, WeightQuantizer
 from lqtk.quant.base import register_format
 from lqtk.quant.incoherence import rotate, walsh_hadamard
 from lqtk.quant.leanquant import nearest_level, weighted_kmeans

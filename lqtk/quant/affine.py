@@ -7,8 +7,7 @@ from typing import Literal
 import torch
 
 from lqtk.quant.base import QuantizedWeight, WeightFormat, WeightQuantizer, largest_gains, register_format
-from lqtk.quant.primitives import (check_scheme, minmax_qparams, mse_qparams, pack_bits, quantize_affine,
-                                   unpack_bits)
+from lqtk.quant.primitives import check_scheme, minmax_qparams, mse_qparams, pack_bits, quantize_affine, unpack_bits
 
 
 @register_format
