@@ -7,9 +7,10 @@ step works on the decoded weight Ŵ of each quantized layer instead:
     2. a straight-through target T (a dense copy of the weight, T = Ŵ at the start) takes an Adam step with it;
     3. the format re-chooses codes to bring Ŵ nearer to T (`WeightFormat.nearest_codes`: AQLM's beam search,
        rounding for scalar codes, the nearest level of a LeanQuant table), changing at most `max_code_change` of
-       the layer's code units per step, those that gain most. T keeps the updates too small to flip a code, so they add up over steps until one does. With
-       `trust_ratio` the change also moves Ŵ by at most that fraction of its norm (as the authors' `code_trust_ratio`):
-       the allowed fraction of changes is halved until it does, the largest gains kept.
+       the layer's code units per step, those that gain most. T keeps the updates too small to flip a code, so
+       they add up over steps until one does. With `trust_ratio` the change also moves Ŵ by at most that fraction
+       of its norm (as the authors' `code_trust_ratio`): the allowed fraction of changes is halved until it does,
+       the largest gains kept.
 
 The targets and their Adam moments are replicated on every process (each gets the same summed gradient and applies
 the same update), so they are complete in any process's checkpoint and resume on any number of processes; the code
