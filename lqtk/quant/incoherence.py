@@ -99,13 +99,13 @@ class IncoherentFormat(WeightFormat):
     name = "incoherent"
 
     def dequantize(self, tensors, spec):
-        inner, (seed_u, seed_v) = self._inner(tensors, spec), tensors["seeds"].tolist()
+        inner, (seed_u, seed_v) = self._inner(tensors), tensors["seeds"].tolist()
         w = FORMATS[spec["inner_format"]].dequantize(inner, spec["inner"]).float()
         w = rotate(rotate(w, seed_v, transpose=True).T, seed_u, transpose=True).T  # Uᵀ Ŵ̃ V
         return w / tensors["input_scales"].float() if "input_scales" in tensors else w
 
     def linear(self, x, tensors, spec, bias):
-        inner, (seed_u, seed_v) = self._inner(tensors, spec), tensors["seeds"].tolist()
+        inner, (seed_u, seed_v) = self._inner(tensors), tensors["seeds"].tolist()
         if "input_scales" in tensors:
             x = x / tensors["input_scales"].to(x.dtype)
         x = rotate(x, seed_v).to(x.dtype)
@@ -114,7 +114,7 @@ class IncoherentFormat(WeightFormat):
         return y if bias is None else y + bias
 
     @staticmethod
-    def _inner(tensors, spec):
+    def _inner(tensors):
         return {key: t for key, t in tensors.items() if key not in ("seeds", "input_scales")}
 
 
