@@ -18,11 +18,10 @@ class RTN(AffineQuantizer):
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None, progress=None) -> QuantizedWeight:
         w = weight.float()
         in_features = w.shape[1]
-        codes, scales, zeros = torch.empty_like(w, dtype=torch.int64), [], []
+        codes, grids = torch.empty_like(w, dtype=torch.int64), []
         starts = group_starts(in_features, self.group_size)
         for start, end in zip(starts, starts[1:] + [in_features]):
             scale, zero = self.qparams(w[:, start:end])
             codes[:, start:end] = quantize_affine(w[:, start:end], scale, zero, self.bits)
-            scales.append(scale)
-            zeros.append(zero)
-        return self.pack("rtn", codes, torch.cat(scales, 1), torch.cat(zeros, 1).long())
+            grids.append((scale, zero))
+        return self.pack_grids("rtn", codes, grids)
