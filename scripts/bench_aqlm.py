@@ -24,7 +24,7 @@ from readme_section import update_readme_section
 
 from lqtk.data import TextDataModule
 from lqtk.models import decoder_blocks, load_causal_lm
-from lqtk.quant import AQLM, accumulate_hessian
+from lqtk.quant import AQLM, HessianAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"]
@@ -40,12 +40,11 @@ def block0_hessians(windows: torch.Tensor) -> dict[str, tuple[torch.Tensor, torc
     """{layer: (W, H)} for the LAYERS of block 0, H accumulated over `windows` run through the fp model."""
     model = load_causal_lm("smollm2-135m")
     block = decoder_blocks(model)[0]
-    state = {name: [torch.zeros(block.get_submodule(name).in_features, block.get_submodule(name).in_features), 0]
-             for name in LAYERS}
+    state = {name: HessianAccumulator(block.get_submodule(name).in_features) for name in LAYERS}
 
     def hook(name):
         def accumulate(module, args):
-            state[name][1] = accumulate_hessian(state[name][0], state[name][1], args[0])
+            state[name].add(args[0])
             if name == LAYERS[-1]:
                 raise _Stop  # down_proj is the block's last Linear: nothing after it is needed
 
@@ -59,7 +58,7 @@ def block0_hessians(windows: torch.Tensor) -> dict[str, tuple[torch.Tensor, torc
             pass
     for handle in handles:
         handle.remove()
-    return {name: (block.get_submodule(name).weight.detach().clone(), state[name][0]) for name in LAYERS}
+    return {name: (block.get_submodule(name).weight.detach().clone(), state[name].hessian()) for name in LAYERS}
 
 
 def recipe_quantizer(overrides: list[str]) -> AQLM:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lqtk.errors import LqtkError
-from lqtk.quant import GPTQ, RTN, accumulate_hessian
+from lqtk.quant import GPTQ, RTN, HessianAccumulator, LeanQuant
 from lqtk.quant.primitives import fake_quantize, minmax_qparams, mse_qparams, pack_bits, unpack_bits
 
 
@@ -15,9 +15,9 @@ def correlated_problem(out_features=48, in_features=80, tokens=2048, seed=0):
     x = torch.randn(tokens, in_features, generator=g) @ torch.randn(in_features, in_features, generator=g) * 0.3
     x = x * torch.rand(in_features, generator=g) * 3
     w = torch.randn(out_features, in_features, generator=g)
-    h = torch.zeros(in_features, in_features)
-    accumulate_hessian(h, 0, x)
-    return w, h, x
+    accumulator = HessianAccumulator(in_features)
+    accumulator.add(x)
+    return w, accumulator.hessian(), x
 
 
 def output_error(w, q, x):
@@ -33,13 +33,16 @@ def test_pack_unpack_round_trip(bits, n):
     assert torch.equal(unpack_bits(packed, bits, n), q)
 
 
-def test_accumulate_hessian_is_a_running_mean():
-    x = torch.randn(100, 7)
-    h, n = torch.zeros(7, 7), 0
+@pytest.mark.parametrize("features", [1, 7, 80])
+def test_hessian_accumulator_is_the_running_mean_of_the_full_product(features):
+    x = torch.randn(100, features)
+    accumulator = HessianAccumulator(features)
     for chunk in x.split(30):
-        n = accumulate_hessian(h, n, chunk)
-    assert n == 100
+        accumulator.add(chunk)
+    assert accumulator.count == 100
+    h = accumulator.hessian()
     torch.testing.assert_close(h, 2 * x.T @ x / 100)
+    assert torch.equal(h, h.T)
 
 
 def test_minmax_grid_is_exact_on_grid_values():
@@ -116,6 +119,15 @@ def test_gptq_result_does_not_depend_on_block_size():
     a = GPTQ(bits=3, group_size=32, block_size=128).quantize(w, h).dequantize()
     b = GPTQ(bits=3, group_size=32, block_size=8).quantize(w, h).dequantize()
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quantizer", [GPTQ(bits=3, group_size=32), LeanQuant(bits=3, group_size=None, exponent=2)])
+def test_linears_sharing_a_hessian_quantize_stacked_as_one_by_one(quantizer):
+    w, h, _ = correlated_problem(out_features=48)
+    weights = [w[:20], w[20:28], w[28:]]  # q/k/v-like: different output widths, one input
+    for alone, stacked in zip([quantizer.quantize(part, h) for part in weights], quantizer.quantize_shared(weights, h)):
+        assert alone.spec == stacked.spec
+        assert all(torch.equal(alone.tensors[key], stacked.tensors[key]) for key in alone.tensors)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -32,6 +32,7 @@ class BlockWalk(LightningModule):
         # resume; instead `identity()` is checkpointed and a mismatch is refused.
         self.automatic_optimization = False
         self.inputs: torch.Tensor | None = None  # (N, T, D) inputs of the current block, on the CPU
+        self.batch_index = 0  # the calibration batch being run (set by `batch`)
         self.quantize_time_s = 0.0  # time spent in the phase's own work (not loading, evaluating or exporting)
         self.status = ""
 
@@ -86,6 +87,7 @@ class BlockWalk(LightningModule):
         """Rows, cached inputs (on the device) and block keyword arguments of calibration batch `index`."""
         size = self.trainer.datamodule.batch_size
         rows = slice(index * size, (index + 1) * size)
+        self.batch_index = index
         return rows, self.inputs[rows].to(self.device), self.block_kwargs[index]
 
     @torch.no_grad()

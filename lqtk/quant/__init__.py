@@ -2,7 +2,7 @@
 
 from lqtk.quant.affine import AffineFormat, AffineQuantizer
 from lqtk.quant.aqlm import AQLM, AQLMFormat
-from lqtk.quant.base import FORMATS, QuantizedWeight, WeightFormat, WeightQuantizer, accumulate_hessian
+from lqtk.quant.base import FORMATS, HessianAccumulator, QuantizedWeight, WeightFormat, WeightQuantizer
 from lqtk.quant.gptq import GPTQ
 from lqtk.quant.incoherence import IncoherentFormat, QuIP
 from lqtk.quant.leanquant import LeanQuant, LUTFormat
@@ -10,5 +10,5 @@ from lqtk.quant.rtn import RTN
 
 __all__ = [
     "AQLM", "FORMATS", "GPTQ", "RTN", "AQLMFormat", "AffineFormat", "AffineQuantizer", "IncoherentFormat",
-    "LUTFormat", "LeanQuant", "QuIP", "QuantizedWeight", "WeightFormat", "WeightQuantizer", "accumulate_hessian",
+    "LUTFormat", "LeanQuant", "QuIP", "QuantizedWeight", "WeightFormat", "WeightQuantizer", "HessianAccumulator",
 ]

@@ -85,16 +85,36 @@ class WeightQuantizer:
         """`progress(status)` is called by long-running methods to say where they are (shown by the phase)."""
         raise NotImplementedError
 
+    def quantize_shared(self, weights: list[torch.Tensor], hessian: torch.Tensor | None,
+                        progress: Callable[[str], None] | None = None) -> list[QuantizedWeight]:
+        """Quantize Linears that read the same input, hence share `hessian` (q/k/v, gate/up). One by one here;
+        methods whose rows are independent given H override it to quantize them stacked, in one pass."""
+        return [self.quantize(weight, hessian, progress) for weight in weights]
 
-def accumulate_hessian(hessian: torch.Tensor, count: int, x: torch.Tensor) -> int:
-    """Add a batch of layer inputs x (..., I) to the running mean H = 2/n · Σ xxᵀ in place; returns the new n.
 
-    The running mean (rather than a sum) keeps H's scale independent of the number of calibration tokens."""
-    x = x.reshape(-1, x.shape[-1]).to(hessian.dtype)
-    n = x.shape[0]
-    hessian.mul_(count / (count + n))
-    hessian.addmm_(x.T, x, alpha=2 / (count + n))
-    return count + n
+class HessianAccumulator:
+    """Running mean H = 2/n · Σ xxᵀ of a layer's inputs x (the mean, not the sum, keeps H's scale independent of the
+    number of calibration tokens). H is symmetric, so only its upper triangle is accumulated, in row panels (about
+    40% fewer FLOPs than xᵀx); `hessian()` mirrors it."""
+
+    panels = 8
+
+    def __init__(self, features: int, device: torch.device | str | None = None):
+        self.upper = torch.zeros(features, features, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs x (..., features)."""
+        x = x.reshape(-1, x.shape[-1]).to(self.upper.dtype)
+        n = x.shape[0]
+        self.upper.mul_(self.count / (self.count + n))
+        width = -(-x.shape[1] // self.panels)
+        for i in range(0, x.shape[1], width):
+            self.upper[i:i + width, i:].addmm_(x[:, i:i + width].T, x[:, i:], alpha=2 / (self.count + n))
+        self.count += n
+
+    def hessian(self) -> torch.Tensor:
+        return self.upper.triu() + self.upper.triu(1).T
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:

@@ -61,9 +61,26 @@ class GPTQ(AffineQuantizer):
     """How much `damp` grows on each retry when the damped Hessian is still not positive definite."""
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None, progress=None) -> QuantizedWeight:
+        return self.quantize_shared([weight], hessian, progress)[0]
+
+    def quantize_shared(self, weights: list[torch.Tensor], hessian: torch.Tensor | None,
+                        progress=None) -> list[QuantizedWeight]:
+        """Rows are quantized independently given H (codes and grids of a row depend on that row alone), so Linears
+        sharing H go through one walk over their stacked rows: one factorization and one column loop, not one each."""
         if hessian is None:
             raise ValueError(f"{type(self).__name__} needs the calibration Hessian of the layer's inputs")
-        return self.pack_grids(self.method, *gptq_quantize(weight, hessian, self))
+        codes, grids = gptq_quantize(torch.cat(weights), hessian, self)
+        quantized, start = [], 0
+        for weight in weights:
+            rows = slice(start, start + weight.shape[0])
+            start = rows.stop
+            quantized.append(self.pack_grids(self.method, codes[rows], [grid_rows(grid, rows) for grid in grids]))
+        return quantized
+
+
+def grid_rows(grid, rows: slice):
+    """The part of a group's grid (a tensor, or a tuple of tensors, with one row per output row) for `rows`."""
+    return grid[rows] if isinstance(grid, torch.Tensor) else tuple(t[rows] for t in grid)
 
 
 @contextmanager
@@ -97,11 +114,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
     bounds = list(zip(starts, starts[1:] + [in_features]))
     group_of = (perm // bounds[0][1]).tolist()  # every group but the last is bounds[0][1] wide
     grids = [None] * len(bounds)
-    codes = torch.zeros(out_features, in_features, dtype=torch.int64)
+    codes = torch.zeros(in_features, out_features, dtype=torch.int64)
 
     for i1 in range(0, in_features, config.block_size):
         i2 = min(i1 + config.block_size, in_features)
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, i1:i2].T.contiguous()  # the block's columns as contiguous rows: the loop reads and updates them
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             j = i1 + i
@@ -111,12 +128,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
                 # of this block so far (the lazy update has not reached W yet) and fix the group's grid.
                 start, end = bounds[g]
                 cols = position[start:end]
-                grids[g] = config.fit_grid(W[:, cols] - Err1[:, :i] @ U[i1:j, cols], importance[start:end])
-            q, value = config.round_to_grid(W1[:, i], grids[g])
-            codes[:, j] = q
-            err = (W1[:, i] - value) / U[j, j]
-            W1[:, i:] -= err[:, None] * U[j, j:i2][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+                grids[g] = config.fit_grid(W[:, cols] - Err1[:i].T @ U[i1:j, cols], importance[start:end])
+            q, value = config.round_to_grid(W1[i], grids[g])
+            codes[j] = q
+            err = (W1[i] - value) / U[j, j]
+            W1[i:] -= U[j, j:i2, None] * err
+            Err1[i] = err
+        W[:, i2:] -= Err1.T @ U[i1:i2, i2:]
 
-    return codes[:, position], grids
+    return codes[position].T.contiguous(), grids
