@@ -59,8 +59,8 @@ class DryRun(Callback):
         windows = trainer.datamodule.evaluation_windows()  # tokenized by every run: the export is verified on them
         self.measured["tokenize_evaluation_s"] = time.perf_counter() - start
         fp_model, fp_model_path = pl_module.fp_reference()
-        cached = fp_perplexity_cache_file(resolve_model(fp_model_path), windows).exists()
-        evaluated = self.export.evaluate and not cached
+        self.fp_perplexity_cached = fp_perplexity_cache_file(resolve_model(fp_model_path), windows).exists()
+        evaluated = self.export.evaluate and not self.fp_perplexity_cached  # as the export callback decides
         self.measured["fp_evaluation_s"] = evaluation_time(fp_model, trainer, windows) if evaluated else 0.0
         self.fit_start = time.perf_counter()
 
@@ -119,6 +119,7 @@ class DryRun(Callback):
         result = {"model": str(pl_module.model_path), "phase": type(pl_module).__name__,
                   "blocks": len(pl_module.blocks), "device": str(trainer.strategy.root_device),
                   "estimate": self.estimates(len(pl_module.blocks)), "measured": self.measured,
+                  "fp_perplexity_cached": self.fp_perplexity_cached,
                   "run_folder": str(self.export.dirpath), "free_disk_bytes": free_bytes(self.export.dirpath)}
         print(format_report(result))
         if self.output:
