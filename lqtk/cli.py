@@ -1,6 +1,7 @@
 """`lqtk`: a thin command line over LightningCLI (phases) and three utilities.
 
     lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml [--ckpt_path last] [--overwrite true]
+    lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml --dry_run true [--dry_run_output FILE.json]
     lqtk chain configs/smollm2-135m/aqlm-2x8-g8.yaml configs/smollm2-135m/aqlm-2x8-g8-ft.yaml [--root DIR] [ARGS]
     lqtk prepare-model [smollm2-135m | tiny-llama]
     lqtk evaluate --model DIR [--text FILE ...] --output FILE.json
@@ -19,6 +20,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lqtk.data import TextDataModule, default_split
+from lqtk.dry_run import DryRun
 from lqtk.errors import LqtkError
 from lqtk.evaluate import EVAL_BATCH_SIZE, perplexity
 from lqtk.export import ExportQuantized, bits_per_weight
@@ -35,6 +37,22 @@ class LqtkCLI(LightningCLI):
         parser.link_arguments("model.init_args.model", "data.tokenizer")
         parser.link_arguments("trainer.default_root_dir", "export.dirpath")
         parser.link_arguments("overwrite", "export.overwrite")
+        parser.add_argument("--dry_run", type=bool, default=False, help="Run block 0 only and print estimates of the "
+                            "whole run's time, peak memory and disk; nothing is written into the run folder.")
+        parser.add_argument("--dry_run_output", type=str | None, default=None,
+                            help="With --dry_run: also write the estimates and measurements to this JSON file.")
+
+    def instantiate_trainer(self, **kwargs):
+        if not self._get(self.config_init, "dry_run"):
+            return super().instantiate_trainer(**kwargs)
+        if self._get(self.config_init, "ckpt_path") is not None:
+            raise LqtkError("the dry run estimates a run from its start: drop --ckpt_path (or --dry_run)")
+        self.save_config_callback = None  # a dry run writes nothing into the run folder: no config.yaml, no log
+        trainer = super().instantiate_trainer(**kwargs, logger=False)
+        export = next(callback for callback in trainer.callbacks if isinstance(callback, ExportQuantized))
+        trainer.callbacks.remove(export)
+        trainer.callbacks.append(DryRun(export, self._get(self.config_init, "dry_run_output")))
+        return trainer
 
 
 def fit(args: list[str] | None) -> None:

@@ -48,12 +48,17 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
 def fp_perplexity(model: torch.nn.Module, model_dir: Path, windows: torch.Tensor, batch_size: int) -> float:
     """`perplexity` of an unquantized model, remembered in the cache folder by (weights files, windows): every
     recipe of a table shares the fp model and evaluation split, and its evaluation costs about a minute."""
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.glob("*.safetensors"))
-    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), files]).encode() + windows.numpy().tobytes())
-    cache = cache_dir() / "fp_perplexity" / f"{key.hexdigest()[:32]}.json"
+    cache = fp_perplexity_cache_file(model_dir, windows)
     if cache.exists():
         return json.loads(cache.read_text())["perplexity"]
     ppl, _ = perplexity(model, windows, batch_size)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"perplexity": ppl, "model": str(model_dir)}))
     return ppl
+
+
+def fp_perplexity_cache_file(model_dir: Path, windows: torch.Tensor) -> Path:
+    """Where `fp_perplexity` remembers the perplexity of the fp model in `model_dir` on `windows`."""
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.glob("*.safetensors"))
+    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), files]).encode() + windows.numpy().tobytes())
+    return cache_dir() / "fp_perplexity" / f"{key.hexdigest()[:32]}.json"

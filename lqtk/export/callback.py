@@ -19,12 +19,14 @@ import torch
 from lightning import Callback
 from transformers import AutoTokenizer
 
+from lqtk.disk import check_disk_space, disk_needs
 from lqtk.errors import LqtkError
 from lqtk.evaluate import EVAL_BATCH_SIZE, fp_perplexity, logits_in_chunks, perplexity
 from lqtk.export.format import bits_per_weight, save_quantized
 from lqtk.export.hf_aqlm import save_hf_aqlm
 from lqtk.models import load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers
+from lqtk.phases.walk import BlockWalk
 from lqtk.quant import AQLM
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class ExportQuantized(Callback):
         self.writers = {"model": (save_quantized, atol)} | ({"model-hf-aqlm": (save_hf_aqlm, hf_atol)} if hf_aqlm
                                                             else {})
         self.fp_perplexity: float | None = None
+        self.disk_checked_with_blocks = False
 
     @property
     def model_dir(self) -> Path:
@@ -93,6 +96,19 @@ class ExportQuantized(Callback):
         finally:
             model.to("cpu")
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if isinstance(pl_module, BlockWalk):  # the cached inputs and the fp part of the export, before any block
+            check_disk_space(self.dirpath, self._disk_needs(pl_module, finished=0))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Before the first checkpoint of the run is written: the whole run's disk, from the blocks finished."""
+        if isinstance(pl_module, BlockWalk) and not self.disk_checked_with_blocks:
+            check_disk_space(self.dirpath, self._disk_needs(pl_module, finished=trainer.current_epoch + 1))
+            self.disk_checked_with_blocks = True
+
+    def _disk_needs(self, pl_module: BlockWalk, finished: int) -> dict[str, int]:
+        return disk_needs(pl_module.model, pl_module.blocks, finished, pl_module.inputs, exports=len(self.writers))
+
     def on_fit_end(self, trainer, pl_module) -> None:
         model = pl_module.exported_model()  # every process: a sharded phase gathers its model
         if not trainer.is_global_zero:
@@ -102,11 +118,8 @@ class ExportQuantized(Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(pl_module.model_path))
         with tempfile.TemporaryDirectory(dir=self.dirpath, prefix=".export-") as tmp:
-            for folder, (write, atol) in self.writers.items():
-                write(model, Path(tmp) / folder)
-                tokenizer.save_pretrained(Path(tmp) / folder)
-                reloaded = load_causal_lm(Path(tmp) / folder)
-                self._verify(model, reloaded, trainer, folder, atol)
+            for folder in self.writers:
+                reloaded = self.write_verified(model, tokenizer, Path(tmp), folder, trainer)
                 if folder == "model":
                     metrics = self._metrics(pl_module, reloaded, trainer)
             for folder in self.writers:  # every export verified: put them in place
@@ -116,6 +129,16 @@ class ExportQuantized(Callback):
         (self.dirpath / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         per_layer = set(pl_module.phase_metrics())
         print(json.dumps({k: v for k, v in metrics.items() if k not in per_layer}, indent=2))
+
+    def write_verified(self, model, tokenizer, root: Path, folder: str, trainer) -> torch.nn.Module:
+        """Write export `folder` of `model` under `root`, reload it and check it computes what `model` computes;
+        the reloaded model."""
+        write, atol = self.writers[folder]
+        write(model, root / folder)
+        tokenizer.save_pretrained(root / folder)
+        reloaded = load_causal_lm(root / folder)
+        self._verify(model, reloaded, trainer, folder, atol)
+        return reloaded
 
     @torch.no_grad()
     def _verify(self, model, reloaded, trainer, folder: str, atol: float) -> None:
@@ -146,5 +169,6 @@ class ExportQuantized(Callback):
                            tokens=tokens, seq_len=data.seq_len, bos=data.bos)
         metrics.update(wall_time_s=time.perf_counter() - self.start,
                        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                       **({"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_initialized() else {}),
                        model=str(pl_module.model_path), export=str(self.model_dir), **pl_module.phase_metrics())
         return metrics
