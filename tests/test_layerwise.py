@@ -47,3 +47,11 @@ def test_non_sequential_walk_calibrates_every_group_on_its_own_inputs(corpus, tm
     assert all(torch.equal(ours[key], theirs[key]) for key in first)
     assert not torch.equal(ours["model.layers.0.mlp.down_proj.qweight"], theirs["model.layers.0.mlp.down_proj.qweight"])
     assert max(one_stage.layer_errors.values()) < 0.2
+
+
+def test_bf16_forwards_quantize_about_as_well_as_fp32(corpus, tmp_path):
+    fp32 = calibrate(corpus, tmp_path / "fp32")
+    bf16 = calibrate(corpus, tmp_path / "bf16", compute_dtype="bfloat16")
+    assert bf16.inputs.dtype == torch.float32  # cached activations stay fp32
+    for name, error in fp32.layer_errors.items():
+        assert bf16.layer_errors[name] == pytest.approx(error, rel=0.2), name

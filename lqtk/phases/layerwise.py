@@ -18,6 +18,7 @@ block's inputs and the run's identity; `ckpt_path=last` resumes after the last f
 
 import dataclasses
 import time
+from typing import Literal
 
 import torch
 
@@ -43,14 +44,19 @@ class LayerwiseCalibration(BlockWalk):
         replay: Compute each op of a block once across its calibration passes (`lqtk.phases.replay`): the same
             result with about 2.4x fewer forward FLOPs, for up to N·T·(2·hidden + intermediate) more activations
             held on the CPU while a block is calibrated; false recomputes them.
+        compute_dtype: Dtype of the block forwards' matmuls (autocast); Hessians, cached activations and the
+            quantization stay fp32. `bfloat16` is about 2x faster on GPUs and CPUs with bf16 units (AVX-512 BF16,
+            AMX), and about 8x slower on CPUs without them (AVX2).
     """
 
     def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None,
-                 block_tuning: BlockTuning | None = None, replay: bool = True):
+                 block_tuning: BlockTuning | None = None, replay: bool = True,
+                 compute_dtype: Literal["float32", "bfloat16"] = "float32"):
         super().__init__()
         self.model_path, self.quantizer, self.sequential = model, quantizer, sequential
         self.skip = tuple(skip or ())
         self.block_tuning, self.replay = block_tuning, replay
+        self.compute_dtype = getattr(torch, compute_dtype)
         self.layer_errors: dict[str, float] = {}  # relative output error of each quantized Linear
         self.layer_history: dict[str, dict] = {}  # what iterative methods report per layer (objective per round)
         self.tuning_results: dict[str, dict] = {}  # per block: held-out error before and after fine-tuning
@@ -165,7 +171,8 @@ class LayerwiseCalibration(BlockWalk):
         handles = [self.block.get_submodule(group[0]).register_forward_pre_hook(hook(index, group))
                    for index, group in enumerate(stage)]
         try:
-            self.block(hidden, **kwargs)
+            with self.autocast():
+                self.block(hidden, **kwargs)
         except StopForward:
             pass
         finally:
@@ -201,6 +208,7 @@ class LayerwiseCalibration(BlockWalk):
         quantizer = {"class": type(self.quantizer).__qualname__, **dataclasses.asdict(self.quantizer)}
         tuning = None if self.block_tuning is None else dataclasses.asdict(self.block_tuning)
         return {"model": str(self.model_path), "quantizer": quantizer, "sequential": self.sequential,
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
                 "skip": list(self.skip), "block_tuning": tuning, "data": dict(self.trainer.datamodule.hparams)}
 
     def walk_state(self) -> dict:

@@ -33,6 +33,7 @@ class BlockWalk(LightningModule):
         self.automatic_optimization = False
         self.inputs: torch.Tensor | None = None  # (N, T, D) inputs of the current block, on the CPU
         self.batch_index = 0  # the calibration batch being run (set by `batch`)
+        self.compute_dtype = torch.float32  # of the block forwards (`autocast`)
         self.quantize_time_s = 0.0  # time spent in the phase's own work (not loading, evaluating or exporting)
         self.status = ""
 
@@ -90,13 +91,19 @@ class BlockWalk(LightningModule):
         self.batch_index = index
         return rows, self.inputs[rows].to(self.device), self.block_kwargs[index]
 
+    def autocast(self):
+        """The context of the block forwards: matmuls in `compute_dtype`, anything else (cached inputs and outputs,
+        Hessians, quantization) in fp32."""
+        return torch.autocast(self.device.type, self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
     @torch.no_grad()
     def block_outputs(self, block: torch.nn.Module) -> torch.Tensor:
         """`block` applied to every cached input batch: (N, T, D) on the CPU."""
         outputs = torch.empty_like(self.inputs)
         for index in range(len(self.block_kwargs)):
             rows, hidden, kwargs = self.batch(index)
-            outputs[rows] = block_output(block(hidden, **kwargs)).cpu()
+            with self.autocast():
+                outputs[rows] = block_output(block(hidden, **kwargs)).cpu()
         return outputs
 
     def tune_current_block(self, targets: torch.Tensor, tuning: BlockTuning) -> None:
