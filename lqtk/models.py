@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lqtk.errors import LqtkError
+from lqtk.moe import unfuse_experts
 from lqtk.quant.base import check_finite
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32) -> Pre
                         "re-create it or point to another one") from err
     for name, param in model.named_parameters():
         check_finite(param, f"{path}: parameter {name}")
-    return model.eval()
+    return unfuse_experts(model).eval()
 
 
 def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
