@@ -1,12 +1,14 @@
 """`LayerwiseCalibration`: quantize a causal LM block by block on cached block inputs (the GPTQ pipeline).
 
 One epoch per decoder block. Before the first block, the calibration windows are run through the model up to
-block 0 and its inputs are cached. Within block k, the block's Linears are taken in sequential groups (Linears
-that read the same input: q/k/v, then o, then gate/up, then down): for each group the calibration inputs run
-through the block while hooks accumulate the group's input Hessians, then the group is quantized and swapped for
-QuantizedLinears, so later groups calibrate on the outputs of the quantized ones. A last pass through the fully
-quantized block gives block k+1's inputs. The training steps are the calibration batches of the first pass; the
-progress bar names the pass under way and extrapolates the time left for the whole walk.
+block 0 and its inputs are cached. Within block k, the block's Linears are taken in sequential passes of groups
+(Linears that read the same input: q/k/v, then o, then gate/up, then down; the groups of all MoE experts share a
+pass, see calibration_passes.py): for each pass the calibration inputs run through the block while hooks
+accumulate each group's input Hessian, then the pass's groups are quantized and swapped for QuantizedLinears, so
+later passes calibrate on the outputs of the quantized ones. A group whose Linears saw too few calibration tokens
+(an expert the router rarely picks) is quantized as GPTQModel does, round-to-nearest on the method's grid. A last
+pass through the fully quantized block gives block k+1's inputs. The training steps are the calibration batches of
+the first pass; the progress bar names the pass under way and extrapolates the time left for the whole walk.
 
 With `block_tuning`, each quantized block is then fine-tuned to reproduce the fp block's outputs on the same inputs
 (AQLM's recipe) before its outputs feed the next block.
@@ -16,14 +18,17 @@ block's inputs and the run's identity; `ckpt_path=last` resumes after the last f
 """
 
 import dataclasses
+import functools
 import time
 
 import torch
 
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, linear_layers, load_causal_lm
+from lqtk.moe import ROUTER_LINEARS
 from lqtk.nn import QuantizedLinear, quantized_layers, quantized_linear_from_config, set_submodule
 from lqtk.phases.block_tuning import BlockTuning
+from lqtk.phases.calibration_passes import calibration_passes
 from lqtk.phases.walk import BlockWalk, StopForward
 from lqtk.quant.base import WeightQuantizer, accumulate_hessian
 
@@ -36,16 +41,21 @@ class LayerwiseCalibration(BlockWalk):
         quantizer: The method and its settings (`class_path: lqtk.quant.GPTQ`, `init_args: {bits: 4, ...}`).
         sequential: Calibrate each group of Linears on the outputs of the already quantized groups of the same
             block (true-sequential); if false, all Linears of a block calibrate on the fp block's activations.
-        skip: Names (suffixes) of Linears inside the blocks to keep in full precision, e.g. `mlp.gate` of MoE routers.
+        skip: Names (suffixes) of Linears inside the blocks to keep in full precision; default: the MoE routers
+            that are Linears (`mlp.gate`, `block_sparse_moe.gate`, `shared_expert_gate`); `[]` quantizes them too.
         block_tuning: If set, fine-tune each quantized block towards the fp block's outputs before moving on.
+        fallback_below: A group of Linears whose calibration inputs number fewer than this fraction of the
+            calibration tokens (an MoE expert the router rarely or never picked) is quantized with the identity as
+            its Hessian: round-to-nearest on the method's grid (GPTQModel's fallback, same default of 0.5%).
     """
 
     def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None,
-                 block_tuning: BlockTuning | None = None):
+                 block_tuning: BlockTuning | None = None, fallback_below: float = 0.005):
         super().__init__()
         self.model_path, self.quantizer, self.sequential = model, quantizer, sequential
-        self.skip = tuple(skip or ())
-        self.block_tuning = block_tuning
+        self.skip = tuple(ROUTER_LINEARS if skip is None else skip)
+        self.block_tuning, self.fallback_below = block_tuning, fallback_below
+        self.fallbacks: list[str] = []  # the Linears quantized with the identity Hessian
         self.layer_errors: dict[str, float] = {}  # relative output error of each quantized Linear
         self.layer_history: dict[str, dict] = {}  # what iterative methods report per layer (objective per round)
         self.tuning_results: dict[str, dict] = {}  # per block: held-out error before and after fine-tuning
@@ -62,39 +72,16 @@ class LayerwiseCalibration(BlockWalk):
                     self.quantizer.check_fits(tuple(linear.weight.shape))
                 except LqtkError as err:
                     raise LqtkError(f"{self.block_prefix(i)}{name}: {err}") from err
-        self.groups = self._sequential_groups()
+        self.passes = calibration_passes(self.model, [self._linears(block) for block in self.blocks], self.sequential)
 
     def _linears(self, block) -> dict:
         return {name: m for name, m in linear_layers(block).items() if not name.endswith(self.skip)}
-
-    def _sequential_groups(self) -> list[list[list[str]]]:
-        """Per block, its Linears grouped by shared input in execution order (found by one probe forward of a
-        short random input); one group of all of them when `sequential` is false."""
-        if not self.sequential:
-            return [[list(self._linears(block))] for block in self.blocks]
-        seen: list[list[tuple[torch.Tensor, list[str]]]] = [[] for _ in self.blocks]
-
-        def record(block_seen, name, x):  # inputs are kept alive in `seen`, so identity comparison is safe
-            for x_seen, names in block_seen:
-                if x_seen is x:
-                    return names.append(name)
-            block_seen.append((x, [name]))
-
-        hooks = [m.register_forward_pre_hook(lambda m, args, s=seen[i], n=name: record(s, n, args[0]))
-                 for i, block in enumerate(self.blocks) for name, m in self._linears(block).items()]
-        try:
-            with torch.no_grad():
-                self.model(torch.randint(0, self.model.config.vocab_size, (1, 8)), use_cache=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return [[names for _, names in block_seen] for block_seen in seen]
 
     # --- the walk -----------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()
         self.block.to(self.device)
-        self.hessian: tuple[torch.Tensor, int] | None = None  # (H, tokens) of the group being calibrated
+        self.hessians: dict[str, tuple[torch.Tensor, int]] = {}  # (H, tokens) of the pass's groups by first Linear
         if self.block_tuning is not None:
             self.report("computing the fp block's outputs (fine-tuning targets)")
             self.targets = self.block_outputs(self.block)
@@ -102,23 +89,23 @@ class LayerwiseCalibration(BlockWalk):
     @torch.no_grad()
     def training_step(self, batch, batch_idx) -> None:
         """The steps are the calibration batches; `batch_idx` picks their cached block inputs. The steps
-        calibrate the block's first group of Linears; the later groups and the outputs follow at epoch end."""
-        self._calibrate(batch_idx, self.groups[self.current_epoch][0])
+        calibrate the block's first pass; the later passes and the outputs follow at epoch end."""
+        self._calibrate(batch_idx, self.passes[self.current_epoch][0])
 
-    def _calibrate(self, batch_index: int, names: list[str]) -> None:
-        self.report(f"calibrating {', '.join(names)}")
+    def _calibrate(self, batch_index: int, groups: list[list[str]]) -> None:
+        self.report(f"calibrating {', '.join(groups[0])}" + (f" and {len(groups) - 1} more" if groups[1:] else ""))
         if self.quantizer.needs_hessian:
             _, hidden, kwargs = self.batch(batch_index)
-            self._accumulate_hessian(hidden, kwargs, names)
+            self._accumulate_hessians(hidden, kwargs, groups)
 
     @torch.no_grad()
     def on_train_epoch_end(self) -> None:
-        groups = self.groups[self.current_epoch]
-        self._quantize_group(groups[0])
-        for names in groups[1:]:
+        passes = self.passes[self.current_epoch]
+        self._quantize_pass(passes[0])
+        for groups in passes[1:]:
             for index in range(len(self.block_kwargs)):
-                self._calibrate(index, names)
-            self._quantize_group(names)
+                self._calibrate(index, groups)
+            self._quantize_pass(groups)
         if self.block_tuning is not None:
             self.report("fine-tuning the quantized block")
             self.tune_current_block(self.targets, self.block_tuning)
@@ -128,28 +115,45 @@ class LayerwiseCalibration(BlockWalk):
         self.block.to("cpu")
         self.quantize_time_s += time.perf_counter() - self.epoch_start
 
-    def _accumulate_hessian(self, hidden: torch.Tensor, kwargs: dict, names: list[str]) -> None:
-        """Add this batch to the group's Hessian. The Linears of a group share their input, so they share H: the
-        hook on the first one accumulates it and stops the forward there."""
-        def hook(module, args):
-            if self.hessian is None:
-                self.hessian = (torch.zeros(module.in_features, module.in_features, device=self.device), 0)
-            hessian, count = self.hessian
-            self.hessian = (hessian, accumulate_hessian(hessian, count, args[0]))
-            raise StopForward
+    def _accumulate_hessians(self, hidden: torch.Tensor, kwargs: dict, groups: list[list[str]]) -> None:
+        """Add this batch to each group's Hessian. The Linears of a group share their input, so they share H: a hook
+        on the first one accumulates it. A single group stops the forward there; with several (MoE experts), any of
+        them may still come, so the block runs to its end."""
+        def hook(key, module, args):
+            hessian, count = self.hessians.get(key) or (torch.zeros(module.in_features, module.in_features,
+                                                                    device=self.device), 0)
+            self.hessians[key] = (hessian, accumulate_hessian(hessian, count, args[0]))
+            if len(groups) == 1:
+                raise StopForward
 
-        handle = self.block.get_submodule(names[0]).register_forward_pre_hook(hook)
+        handles = [self.block.get_submodule(names[0]).register_forward_pre_hook(functools.partial(hook, names[0]))
+                   for names in groups]
         try:
             self.block(hidden, **kwargs)
         except StopForward:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
-    def _quantize_group(self, names: list[str]) -> None:
+    def _group_hessian(self, names: list[str]) -> torch.Tensor | None:
+        """The Hessian the group's Linears are quantized with (None for a method without one); the identity when
+        they saw fewer than `fallback_below` of the calibration tokens, or none: a Hessian of a few tokens is
+        nearly singular, and without tokens GPTQ would take every column as dead and zero it."""
+        hessian, count = self.hessians.pop(names[0], (None, 0))
+        if not self.quantizer.needs_hessian:
+            return None
+        if count < self.fallback_below * self.inputs.shape[0] * self.inputs.shape[1]:
+            self.fallbacks += [self.block_prefix(self.current_epoch) + name for name in names]
+            return torch.eye(self.block.get_submodule(names[0]).in_features, device=self.device)
+        return hessian
+
+    def _quantize_pass(self, groups: list[list[str]]) -> None:
+        for names in groups:
+            self._quantize_group(names, self._group_hessian(names))
+
+    def _quantize_group(self, names: list[str], hessian: torch.Tensor | None) -> None:
         prefix = self.block_prefix(self.current_epoch)
-        hessian = self.hessian[0] if self.hessian else None
-        self.hessian = None
         for name in names:
             linear = self.block.get_submodule(name)
             self.report(f"quantizing {name}")
@@ -169,7 +173,8 @@ class LayerwiseCalibration(BlockWalk):
         quantizer = {"class": type(self.quantizer).__qualname__, **dataclasses.asdict(self.quantizer)}
         tuning = None if self.block_tuning is None else dataclasses.asdict(self.block_tuning)
         return {"model": str(self.model_path), "quantizer": quantizer, "sequential": self.sequential,
-                "skip": list(self.skip), "block_tuning": tuning, "data": dict(self.trainer.datamodule.hparams)}
+                "skip": list(self.skip), "block_tuning": tuning, "fallback_below": self.fallback_below,
+                "data": dict(self.trainer.datamodule.hparams)}
 
     def walk_state(self) -> dict:
         layers = quantized_layers(self.model)
@@ -178,7 +183,7 @@ class LayerwiseCalibration(BlockWalk):
 
     def phase_metrics(self) -> dict:
         return {"layer_errors": self.layer_errors, "layer_history": self.layer_history,
-                "block_tuning": self.tuning_results}
+                "block_tuning": self.tuning_results, "fallback_layers": self.fallbacks}
 
     def restore_walk_state(self, state: dict) -> None:
         for name, (config, tensors, bias) in state["layers"].items():
@@ -186,6 +191,7 @@ class LayerwiseCalibration(BlockWalk):
         self.layer_errors = state["layer_errors"]
         self.layer_history = state["layer_history"]
         self.tuning_results = state["block_tuning"]
+        self.fallbacks = state["fallback_layers"]
 
 
 def relative_output_error(weight: torch.Tensor, quantized: QuantizedLinear, hessian: torch.Tensor | None) -> float:
