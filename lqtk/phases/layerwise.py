@@ -37,7 +37,7 @@ class LayerwiseCalibration(BlockWalk):
     """Block-by-block post-training quantization of every Linear inside the decoder blocks.
 
     Args:
-        model: Local HF causal-LM folder, or a reference model name (`smollm2-135m`, `tiny-llama`).
+        model: Local HF causal-LM folder, or a reference model name (`smollm2-135m`, `tiny-llama`, `tiny-gemma3`).
         quantizer: The method and its settings (`class_path: lqtk.quant.GPTQ`, `init_args: {bits: 4, ...}`).
         sequential: Calibrate each group of Linears on the outputs of the already quantized groups of the same
             block (true-sequential); if false, all Linears of a block calibrate on the fp block's activations.
