@@ -137,7 +137,9 @@ def test_experts_share_passes_and_routers_stay_out(tiny):
     model = load_causal_lm(tiny("qwen2_moe"))
     linears = [{name: m for name, m in linear_layers(block).items() if not name.endswith("shared_expert_gate")}
                for block in decoder_blocks(model)]
-    for block_passes, block_linears in zip(passes_module.calibration_passes(model, linears, True), linears):
+    sequential, at_once = (passes_module.calibration_passes(model, linears, flag) for flag in (True, False))
+    assert at_once == [[[group for one_pass in block for group in one_pass]] for block in sequential]  # one pass
+    for block_passes, block_linears in zip(sequential, linears):
         names = [name for one_pass in block_passes for group in one_pass for name in group]
         assert sorted(names) == sorted(block_linears)  # each Linear once, also experts the probe did not reach
         gate_up, down = ([[f"mlp.experts.{e}.{proj}"] for e in range(4)] for proj in ("gate_up_proj", "down_proj"))

@@ -23,7 +23,7 @@ def calibration_passes(model: nn.Module, block_linears: list[dict[str, nn.Module
     groups: every Linear calibrates on the fp block's activations."""
     passes = [_passes(groups, [name for name in linears if not any(name in group for group in groups)])
               for groups, linears in zip(_probe_groups(model, block_linears), block_linears)]
-    return passes if sequential else [[group for one_pass in block for group in one_pass] for block in passes]
+    return passes if sequential else [[[group for one_pass in block for group in one_pass]] for block in passes]
 
 
 def _probe_groups(model: nn.Module, block_linears: list[dict[str, nn.Module]]) -> list[list[list[str]]]:
