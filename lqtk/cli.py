@@ -3,7 +3,7 @@
     lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml [--ckpt_path last] [--overwrite true]
     lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml --dry_run true [--dry_run_output FILE.json]
     lqtk chain configs/smollm2-135m/aqlm-2x8-g8.yaml configs/smollm2-135m/aqlm-2x8-g8-ft.yaml [--root DIR] [ARGS]
-    lqtk prepare-model [smollm2-135m | tiny-llama]
+    lqtk prepare-model [smollm2-135m | tiny-llama | tiny-qwen2 | tiny-gemma3 | tiny-phi3 | tiny-qwen2-moe]
     lqtk evaluate --model DIR [--text FILE ...] --output FILE.json
 """
 
@@ -142,7 +142,7 @@ USAGE = """usage: lqtk <command> [options]
 commands:
   fit            run one phase (calibrate, fine-tune, distill) from a recipe: lqtk fit --config R.yaml
   chain          run recipes one after another, each phase on the previous one's export
-  prepare-model  build a reference model (smollm2-135m, tiny-llama) into the cache folder
+  prepare-model  build a reference model (smollm2-135m, tiny-llama, tiny-<arch>) into the cache folder
   evaluate       perplexity of an fp or lqtk-quantized model on text files
 
 `lqtk <command> --help` lists a command's options; a stopped `fit` or `chain` continues with --ckpt_path last

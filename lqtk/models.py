@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lqtk.errors import LqtkError
+from lqtk.moe import unfuse_experts
 from lqtk.quant.base import check_finite
 
 log = logging.getLogger(__name__)
@@ -42,28 +44,60 @@ def _smollm2_135m(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def build_tiny_llama(out: Path, **config) -> None:
-    """A tiny random Llama (default 2 blocks, hidden 64, GQA 4/2 heads) with a byte-level tokenizer, for tests and
-    the debug recipe; `config` overrides LlamaConfig fields. Seeded, so every machine builds the same weights."""
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer without merges (257 tokens: the 256 bytes and <|endoftext|> as BOS and EOS)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     byte_vocab = {token: i for i, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     byte_vocab["<|endoftext|>"] = len(byte_vocab)
     tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    defaults = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-    config = LlamaConfig(vocab_size=len(byte_vocab), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **(defaults | config))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+# Per architecture: its transformers config type and what makes it tiny and still exercise what sets it apart.
+# Every one has 2 blocks, hidden 64, GQA 4/2 heads and 160-wide MLPs (as tiny-llama, whose settings the debug
+# recipe's group size is chosen for).
+_TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=1024, tie_word_embeddings=True)
+TINY_ARCHITECTURES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),  # q/k/v projections with biases
+    # a sliding-window block (window 16 < the test windows) before a full-attention one, each with its own rope;
+    # q/k norms; embeddings scaled by sqrt(hidden)
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", dict(pad_token_id=None)),  # fused qkv_proj and gate_up_proj
+    # 4 experts (top 2) with fused 3D weights, a shared expert and its sigmoid gate
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=64)),
+}
+
+
+def build_tiny_model(out: Path, architecture: str = "llama", **config) -> None:
+    """A tiny random model of `architecture` (a key of TINY_ARCHITECTURES) with the byte-level tokenizer, for tests
+    and debug recipes; `config` overrides config fields. Seeded, so every machine builds the same weights."""
+    import transformers
+
+    tokenizer = byte_level_tokenizer()
+    config_type, settings = TINY_ARCHITECTURES[architecture]
+    config = getattr(transformers, config_type)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id, **(_TINY | settings | config))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
-REFERENCE_MODELS = {"smollm2-135m": _smollm2_135m, "tiny-llama": build_tiny_llama}
+def build_tiny_llama(out: Path, **config) -> None:
+    """The tiny random Llama of the tests and the debug recipes (2 blocks, hidden 64, GQA 4/2 heads)."""
+    build_tiny_model(out, "llama", **config)
+
+
+REFERENCE_MODELS = {"smollm2-135m": _smollm2_135m, "tiny-llama": build_tiny_llama} | {
+    f"tiny-{name.replace('_', '-')}": partial(build_tiny_model, architecture=name)
+    for name in TINY_ARCHITECTURES if name != "llama"}
 
 
 def prepare_model(name: str) -> Path:
@@ -121,7 +155,7 @@ def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32) -> Pre
                         "re-create it or point to another one") from err
     for name, param in model.named_parameters():
         check_finite(param, f"{path}: parameter {name}")
-    return model.eval()
+    return unfuse_experts(model).eval()
 
 
 def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:

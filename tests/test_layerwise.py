@@ -11,11 +11,11 @@ from lqtk.phases import LayerwiseCalibration
 from lqtk.quant import GPTQ
 
 
-def calibrate(corpus, tmp_path, **phase_args) -> LayerwiseCalibration:
-    data = TextDataModule(tokenizer="tiny-llama", calibration_files=[str(corpus["calibration"])],
+def calibrate(corpus, tmp_path, model="tiny-llama", **phase_args) -> LayerwiseCalibration:
+    data = TextDataModule(tokenizer=model, calibration_files=[str(corpus["calibration"])],
                           evaluation_files=[str(corpus["evaluation"])], seq_len=64, num_calibration_windows=8,
                           batch_size=4)
-    phase = LayerwiseCalibration(model="tiny-llama", quantizer=GPTQ(bits=3, group_size=48), **phase_args)
+    phase = LayerwiseCalibration(model=model, quantizer=GPTQ(bits=3, group_size=48), **phase_args)
     Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_progress_bar=False,
             default_root_dir=tmp_path).fit(phase, datamodule=data)
     return phase
@@ -25,21 +25,26 @@ def quantized_tensors(phase) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": t for name, m in quantized_layers(phase.model).items() for key, t in m.tensors().items()}
 
 
-@pytest.mark.parametrize("sequential", [True, False])
-def test_replay_changes_no_bit_of_the_result(corpus, tmp_path, sequential):
-    replayed = calibrate(corpus, tmp_path / "replay", sequential=sequential)
-    recomputed = calibrate(corpus, tmp_path / "recompute", sequential=sequential, replay=False)
-    assert replayed.tails[0] == {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)}
+@pytest.mark.parametrize("model, sequential, tails", [
+    ("tiny-llama", True, {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)}),
+    ("tiny-llama", False, {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)}),
+    ("tiny-qwen2-moe", True, {"self_attn": ("self_attn.o_proj", 2), "mlp": None}),  # the mlp sums its experts
+    ("tiny-gemma3", True, {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)}),
+])
+def test_replay_changes_no_bit_of_the_result(corpus, tmp_path, model, sequential, tails):
+    replayed = calibrate(corpus, tmp_path / "replay", model, sequential=sequential)
+    recomputed = calibrate(corpus, tmp_path / "recompute", model, sequential=sequential, replay=False)
+    assert replayed.tails[0] == tails
     assert torch.equal(replayed.inputs, recomputed.inputs)  # the last block's outputs
     ours, theirs = quantized_tensors(replayed), quantized_tensors(recomputed)
-    assert ours.keys() == theirs.keys() and len(ours) == 2 * 7 * 3
+    assert ours.keys() == theirs.keys() and len(ours) > 0
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
 def test_non_sequential_walk_calibrates_every_group_on_its_own_inputs(corpus, tmp_path):
     sequential = calibrate(corpus, tmp_path / "sequential")
     one_stage = calibrate(corpus, tmp_path / "one-stage", sequential=False)
-    assert one_stage.stages[0] == [[["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    assert one_stage.passes[0] == [[["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                                     ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]]
     ours, theirs = quantized_tensors(one_stage), quantized_tensors(sequential)
     # block 0's first group sees the same (fp) inputs either way; later groups see fp rather than quantized inputs

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_model
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from lqtk.errors import LqtkError
+from lqtk.moe import unfuse_experts
 from lqtk.nn import quantized_layers, quantized_linear_from_config, set_submodule
 from lqtk.quant.base import storage_bits
 
@@ -49,7 +50,7 @@ def load_quantized(path: Path, config: PretrainedConfig, dtype: torch.dtype) -> 
         raise LqtkError(f"{path} is lqtk format version {quant.get('format_version')}; this lqtk reads "
                         f"version {FORMAT_VERSION}")
     del config.quantization_config  # ours, not a transformers quantizer's
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = unfuse_experts(AutoModelForCausalLM.from_config(config, dtype=dtype))  # the structure it was saved in
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
         raise LqtkError(f"{weights_file} is missing: the export is incomplete; export the model again")

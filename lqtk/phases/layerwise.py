@@ -1,13 +1,15 @@
 """`LayerwiseCalibration`: quantize a causal LM block by block on cached block inputs (the GPTQ pipeline).
 
 One epoch per decoder block. Before the first block, the calibration windows are run through the model up to
-block 0 and its inputs are cached. Within block k, the block's Linears are taken in sequential groups (Linears
-that read the same input: q/k/v, then o, then gate/up, then down): for each group the calibration inputs run
-through the block while hooks accumulate the group's input Hessians, then the group is quantized and swapped for
-QuantizedLinears, so later groups calibrate on the outputs of the quantized ones. A last pass through the fully
-quantized block gives block k+1's inputs. Sub-modules whose Linears are all quantized are not recomputed by later
-passes (`lqtk.phases.replay`). The training steps are the calibration batches of the first pass; the
-progress bar names the pass under way and extrapolates the time left for the whole walk.
+block 0 and its inputs are cached. Within block k, the block's Linears are taken in sequential passes of groups
+(Linears that read the same input: q/k/v, then o, then gate/up, then down; the groups of all MoE experts share a
+pass, see calibration_passes.py): for each pass the calibration inputs run through the block while hooks
+accumulate each group's input Hessian, then the pass's groups are quantized and swapped for QuantizedLinears, so
+later passes calibrate on the outputs of the quantized ones. A group whose Linears saw too few calibration tokens
+(an expert the router rarely picks) is quantized as GPTQModel does, round-to-nearest on the method's grid. A last
+pass through the fully quantized block gives block k+1's inputs. Sub-modules whose Linears are all quantized are
+not recomputed by later passes (`lqtk.phases.replay`). The training steps are the calibration batches of the
+first pass; the progress bar names the pass under way and extrapolates the time left for the whole walk.
 
 With `block_tuning`, each quantized block is then fine-tuned to reproduce the fp block's outputs on the same inputs
 (AQLM's recipe) before its outputs feed the next block.
@@ -24,9 +26,11 @@ import torch
 
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, linear_layers, load_causal_lm
+from lqtk.moe import ROUTER_LINEARS
 from lqtk.nn import QuantizedLinear, quantized_layers, quantized_linear_from_config, set_submodule
 from lqtk.phases.block_tuning import BlockTuning
-from lqtk.phases.replay import SubmoduleReplay, record_tails
+from lqtk.phases.calibration_passes import calibration_passes
+from lqtk.phases.replay import SubmoduleReplay, probe_tails
 from lqtk.phases.walk import BlockWalk, StopForward
 from lqtk.quant.base import HessianAccumulator, WeightQuantizer
 
@@ -35,12 +39,16 @@ class LayerwiseCalibration(BlockWalk):
     """Block-by-block post-training quantization of every Linear inside the decoder blocks.
 
     Args:
-        model: Local HF causal-LM folder, or a reference model name (`smollm2-135m`, `tiny-llama`).
+        model: Local HF causal-LM folder, or a reference model name (`smollm2-135m`, `tiny-llama`, `tiny-gemma3`).
         quantizer: The method and its settings (`class_path: lqtk.quant.GPTQ`, `init_args: {bits: 4, ...}`).
         sequential: Calibrate each group of Linears on the outputs of the already quantized groups of the same
             block (true-sequential); if false, all Linears of a block calibrate on the fp block's activations.
-        skip: Names (suffixes) of Linears inside the blocks to keep in full precision, e.g. `mlp.gate` of MoE routers.
+        skip: Names (suffixes) of Linears inside the blocks to keep in full precision; default: the MoE routers
+            that are Linears (`mlp.gate`, `block_sparse_moe.gate`, `shared_expert_gate`); `[]` quantizes them too.
         block_tuning: If set, fine-tune each quantized block towards the fp block's outputs before moving on.
+        fallback_below: A group of Linears whose calibration inputs number fewer than this fraction of the
+            calibration tokens (an MoE expert the router rarely or never picked) is quantized with the identity as
+            its Hessian: round-to-nearest on the method's grid (GPTQModel's fallback, same default of 0.5%).
         replay: Compute each op of a block once across its calibration passes (`lqtk.phases.replay`): the same
             result with about 2.4x fewer forward FLOPs, for up to N·T·(2·hidden + intermediate) more activations
             held on the CPU while a block is calibrated; false recomputes them.
@@ -50,13 +58,14 @@ class LayerwiseCalibration(BlockWalk):
     """
 
     def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None,
-                 block_tuning: BlockTuning | None = None, replay: bool = True,
+                 block_tuning: BlockTuning | None = None, fallback_below: float = 0.005, replay: bool = True,
                  compute_dtype: Literal["float32", "bfloat16"] = "float32"):
         super().__init__()
         self.model_path, self.quantizer, self.sequential = model, quantizer, sequential
-        self.skip = tuple(skip or ())
-        self.block_tuning, self.replay = block_tuning, replay
+        self.skip = tuple(ROUTER_LINEARS if skip is None else skip)
+        self.block_tuning, self.fallback_below, self.replay = block_tuning, fallback_below, replay
         self.compute_dtype = getattr(torch, compute_dtype)
+        self.fallbacks: list[str] = []  # the Linears quantized with the identity Hessian
         self.layer_errors: dict[str, float] = {}  # relative output error of each quantized Linear
         self.layer_history: dict[str, dict] = {}  # what iterative methods report per layer (objective per round)
         self.tuning_results: dict[str, dict] = {}  # per block: held-out error before and after fine-tuning
@@ -73,39 +82,11 @@ class LayerwiseCalibration(BlockWalk):
                     self.quantizer.check_fits(tuple(linear.weight.shape))
                 except LqtkError as err:
                     raise LqtkError(f"{self.block_prefix(i)}{name}: {err}") from err
-        self.stages, self.tails = self._probe()
+        self.passes = calibration_passes(self.model, [self._linears(block) for block in self.blocks], self.sequential)
+        self.tails = probe_tails(self.model, self.blocks)
 
     def _linears(self, block) -> dict:
         return {name: m for name, m in linear_layers(block).items() if not name.endswith(self.skip)}
-
-    def _probe(self) -> tuple[list[list[list[list[str]]]], list[dict]]:
-        """One forward of a short random input through the model, which finds, per block:
-        - its stages: the passes that calibrate it, each a list of groups of Linears that share their input (hence
-          their Hessian), in execution order. True-sequential: one group per stage, so each group calibrates on the
-          outputs of the quantized earlier ones; otherwise one stage of all groups, on the fp block's activations.
-        - what `record_tails` finds (the replay's plan)."""
-        seen: list[list[tuple[torch.Tensor, list[str]]]] = [[] for _ in self.blocks]
-        tails: list[dict] = [{} for _ in self.blocks]
-
-        def record(block_seen, name, x):  # inputs are kept alive in `seen`, so identity comparison is safe
-            for x_seen, names in block_seen:
-                if x_seen is x:
-                    return names.append(name)
-            block_seen.append((x, [name]))
-
-        hooks = [m.register_forward_pre_hook(lambda m, args, s=seen[i], n=name: record(s, n, args[0]))
-                 for i, block in enumerate(self.blocks) for name, m in self._linears(block).items()]
-        hooks += [hook for block, block_tails in zip(self.blocks, tails) for hook in record_tails(block, block_tails)]
-        try:
-            with torch.no_grad():
-                self.model(torch.randint(0, self.model.config.vocab_size, (1, 8)), use_cache=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        groups = [[names for _, names in block_seen] for block_seen in seen]
-        stages = [[[group] for group in block_groups] if self.sequential else [block_groups]
-                  for block_groups in groups]
-        return stages, tails
 
     # --- the walk -----------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -118,24 +99,24 @@ class LayerwiseCalibration(BlockWalk):
         tails = self.tails[self.current_epoch] if self.replay else {}
         self.replayed = SubmoduleReplay(self.block, tails, lambda: self.batch_index, self.device)
         self.pending = {}  # the Linears of each child of the block still to quantize
-        for stage in self.stages[self.current_epoch]:
-            for name in (name for group in stage for name in group):
+        for groups in self.passes[self.current_epoch]:
+            for name in (name for group in groups for name in group):
                 self.pending.setdefault(name.split(".")[0], set()).add(name)
 
     @torch.no_grad()
     def training_step(self, batch, batch_idx) -> None:
         """The steps are the calibration batches; `batch_idx` picks their cached block inputs. The steps
-        calibrate the block's first stage; the later stages and the outputs follow at epoch end."""
-        self._calibrate(batch_idx, self.stages[self.current_epoch][0])
+        calibrate the block's first pass; the later passes and the outputs follow at epoch end."""
+        self._calibrate(batch_idx, self.passes[self.current_epoch][0])
 
     @torch.no_grad()
     def on_train_epoch_end(self) -> None:
-        stages = self.stages[self.current_epoch]
-        self._quantize_stage(stages[0])
-        for stage in stages[1:]:
+        passes = self.passes[self.current_epoch]
+        self._quantize_pass(passes[0])
+        for groups in passes[1:]:
             for index in range(len(self.block_kwargs)):
-                self._calibrate(index, stage)
-            self._quantize_stage(stage)
+                self._calibrate(index, groups)
+            self._quantize_pass(groups)
         if self.block_tuning is not None:
             self.replayed.close()  # tuning changes the quantized layers
             self.report("fine-tuning the quantized block")
@@ -148,12 +129,13 @@ class LayerwiseCalibration(BlockWalk):
         self.block.to("cpu")
         self.quantize_time_s += time.perf_counter() - self.epoch_start
 
-    def _calibrate(self, batch_index: int, stage: list[list[str]]) -> None:
-        """Run one batch through the block up to the input of the stage's last group, adding it to the Hessian of
-        every group of the stage (a group's Linears share their input: the hook on its first Linear does it)."""
+    def _calibrate(self, batch_index: int, groups: list[list[str]]) -> None:
+        """Run one batch through the block, adding it to the Hessian of every group of the pass (a group's Linears
+        share their input: a hook on its first Linear does it). A single group stops the forward there; with several
+        (MoE experts), any of them may still come, so the block runs to its end."""
         if not self.quantizer.needs_hessian:
             return
-        self.report(f"calibrating {', '.join(name for group in stage for name in group)}")
+        self.report(f"calibrating {', '.join(groups[0])}" + (f" and {len(groups) - 1} more" if groups[1:] else ""))
         _, hidden, kwargs = self.batch(batch_index)
 
         def hook(index, group):
@@ -161,15 +143,15 @@ class LayerwiseCalibration(BlockWalk):
                 if group[0] not in self.hessians:
                     self.hessians[group[0]] = HessianAccumulator(module.in_features, self.device)
                 self.hessians[group[0]].add(args[0])
-                if index == 0:  # the inputs of a stage's later groups pass through its layers still unquantized
+                if index == 0:  # the inputs of a pass's later groups went through its layers still unquantized
                     for name in filter(self.replayed.needs_input, group):
                         self.replayed.save_input(name, args[0])
-                if index == len(stage) - 1:
+                if len(groups) == 1:
                     raise StopForward
             return accumulate
 
         handles = [self.block.get_submodule(group[0]).register_forward_pre_hook(hook(index, group))
-                   for index, group in enumerate(stage)]
+                   for index, group in enumerate(groups)]
         try:
             with self.autocast():
                 self.block(hidden, **kwargs)
@@ -179,10 +161,22 @@ class LayerwiseCalibration(BlockWalk):
             for handle in handles:
                 handle.remove()
 
-    def _quantize_stage(self, stage: list[list[str]]) -> None:
+    def _group_hessian(self, names: list[str]) -> torch.Tensor | None:
+        """The Hessian the group's Linears are quantized with (None for a method without one); the identity when
+        they saw fewer than `fallback_below` of the calibration tokens, or none: a Hessian of a few tokens is
+        nearly singular, and without tokens GPTQ would take every column as dead and zero it."""
+        accumulator = self.hessians.pop(names[0], None)
+        if not self.quantizer.needs_hessian:
+            return None
+        if accumulator is None or accumulator.count < self.fallback_below * self.inputs.shape[0] * self.inputs.shape[1]:
+            self.fallbacks += [self.block_prefix(self.current_epoch) + name for name in names]
+            return torch.eye(self.block.get_submodule(names[0]).in_features, device=self.device)
+        return accumulator.hessian()
+
+    def _quantize_pass(self, groups: list[list[str]]) -> None:
         prefix = self.block_prefix(self.current_epoch)
-        for names in stage:
-            hessian = self.hessians.pop(names[0]).hessian() if names[0] in self.hessians else None
+        for names in groups:
+            hessian = self._group_hessian(names)
             linears = [self.block.get_submodule(name) for name in names]
             label = ", ".join(names)
             self.report(f"quantizing {label}")
@@ -209,7 +203,8 @@ class LayerwiseCalibration(BlockWalk):
         tuning = None if self.block_tuning is None else dataclasses.asdict(self.block_tuning)
         return {"model": str(self.model_path), "quantizer": quantizer, "sequential": self.sequential,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
-                "skip": list(self.skip), "block_tuning": tuning, "data": dict(self.trainer.datamodule.hparams)}
+                "skip": list(self.skip), "block_tuning": tuning, "fallback_below": self.fallback_below,
+                "data": dict(self.trainer.datamodule.hparams)}
 
     def walk_state(self) -> dict:
         layers = quantized_layers(self.model)
@@ -218,7 +213,7 @@ class LayerwiseCalibration(BlockWalk):
 
     def phase_metrics(self) -> dict:
         return {"layer_errors": self.layer_errors, "layer_history": self.layer_history,
-                "block_tuning": self.tuning_results}
+                "block_tuning": self.tuning_results, "fallback_layers": self.fallbacks}
 
     def restore_walk_state(self, state: dict) -> None:
         for name, (config, tensors, bias) in state["layers"].items():
@@ -226,6 +221,7 @@ class LayerwiseCalibration(BlockWalk):
         self.layer_errors = state["layer_errors"]
         self.layer_history = state["layer_history"]
         self.tuning_results = state["block_tuning"]
+        self.fallbacks = state["fallback_layers"]
 
 
 def relative_output_error(weight: torch.Tensor, quantized: QuantizedLinear, hessian: torch.Tensor | None) -> float:

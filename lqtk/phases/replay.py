@@ -41,6 +41,19 @@ def record_tails(block: nn.Module, tails: dict[str, tuple[str, int] | None]) -> 
     return handles + [child.register_forward_hook(child_hook(name)) for name, child in children.items()]
 
 
+def probe_tails(model: nn.Module, blocks: nn.ModuleList) -> list[dict[str, tuple[str, int] | None]]:
+    """`record_tails` of every block, from one forward of a short random input through the model."""
+    tails: list[dict] = [{} for _ in blocks]
+    handles = [handle for block, block_tails in zip(blocks, tails) for handle in record_tails(block, block_tails)]
+    try:
+        with torch.no_grad():
+            model(torch.randint(0, model.config.vocab_size, (1, 8)), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tails
+
+
 class SubmoduleReplay:
     """Replays the finished sub-modules of one block (see the module docstring) while the block is calibrated.
 

@@ -1,12 +1,13 @@
 """`BlockWalk`: what every block-by-block phase shares (LayerwiseCalibration, BlockFinetune).
 
 One epoch per decoder block. Before the first block the calibration windows run through the model up to block 0 and
-its inputs are cached (with the keyword arguments block 0 receives: position embeddings, masks); each epoch works on
+its inputs are cached (with the keyword arguments every block receives: position embeddings, masks); each epoch works on
 one block with those inputs and leaves the next block's inputs in `self.inputs`. A checkpoint after every block
 holds what the walk produced plus the run's `identity()`; `ckpt_path=last` continues after the last finished block
 and refuses a checkpoint of another run.
 """
 
+import functools
 import time
 
 import torch
@@ -52,17 +53,25 @@ class BlockWalk(LightningModule):
         self.quantize_time_s += time.perf_counter() - start
 
     @torch.no_grad()
-    def capture_block_inputs(self, batches) -> tuple[torch.Tensor, list[dict]]:
-        """Run each batch up to block 0 and keep what block 0 receives: hidden states and keyword arguments
-        (position embeddings, masks) per batch, to be replayed into every block."""
+    def capture_block_inputs(self, batches) -> tuple[torch.Tensor, list[list[dict]]]:
+        """Run each batch through the model with every block standing aside (passing its hidden states through
+        unchanged) and keep block 0's hidden states and, per batch, the keyword arguments each block receives:
+        position embeddings and masks differ between blocks where sliding-window and full attention alternate
+        (Gemma-3), so block k is replayed with its own. Blocks share the objects they were passed, not copies."""
         hidden, kwargs = [], []
 
-        def capture(module, args, block_kwargs):
-            hidden.append((args[0] if args else block_kwargs.pop("hidden_states")).cpu())
-            kwargs.append({k: v for k, v in block_kwargs.items() if k != "hidden_states"})
-            raise StopForward
+        def record(index, *args, **block_kwargs):
+            hidden_states = args[0] if args else block_kwargs.pop("hidden_states")
+            if index == 0:
+                hidden.append(hidden_states.cpu())
+                kwargs.append([])
+            kwargs[-1].append(block_kwargs)
+            if index == len(self.blocks) - 1:
+                raise StopForward  # the final norm and head are not needed
+            return hidden_states
 
-        handle = self.blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+        for index, block in enumerate(self.blocks):
+            block.forward = functools.partial(record, index)  # an instance attribute shadows the class's forward
         try:
             self.model.to(self.device)  # only the embedding runs; moved back below
             for batch in batches:
@@ -71,7 +80,8 @@ class BlockWalk(LightningModule):
                 except StopForward:
                     pass
         finally:
-            handle.remove()
+            for block in self.blocks:
+                del block.forward
             self.model.to("cpu")
         return torch.cat(hidden), kwargs
 
@@ -89,7 +99,7 @@ class BlockWalk(LightningModule):
         size = self.trainer.datamodule.batch_size
         rows = slice(index * size, (index + 1) * size)
         self.batch_index = index
-        return rows, self.inputs[rows].to(self.device), self.block_kwargs[index]
+        return rows, self.inputs[rows].to(self.device), self.block_kwargs[index][self.current_epoch]
 
     def autocast(self):
         """The context of the block forwards: matmuls in `compute_dtype`, anything else (cached inputs and outputs,
