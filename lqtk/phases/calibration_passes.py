@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lqtk.errors import LqtkError
+from lqtk.models import probe_forward
 
 
 def calibration_passes(model: nn.Module, block_linears: list[dict[str, nn.Module]],
@@ -37,14 +38,8 @@ def _probe_groups(model: nn.Module, block_linears: list[dict[str, nn.Module]]) -
                 return names.append(name)
         block_seen.append((x, [name]))
 
-    hooks = [m.register_forward_pre_hook(lambda m, args, s=seen[i], n=name: record(s, n, args[0]))
-             for i, linears in enumerate(block_linears) for name, m in linears.items()]
-    try:
-        with torch.no_grad():
-            model(torch.randint(0, model.config.vocab_size, (1, 8)), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    probe_forward(model, [m.register_forward_pre_hook(lambda m, args, s=seen[i], n=name: record(s, n, args[0]))
+                          for i, linears in enumerate(block_linears) for name, m in linears.items()])
     return [[names for _, names in block_seen] for block_seen in seen]
 
 

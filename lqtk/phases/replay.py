@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lqtk.models import linear_layers
+from lqtk.models import linear_layers, probe_forward
 
 
 def record_tails(block: nn.Module, tails: dict[str, tuple[str, int] | None]) -> list:
@@ -44,13 +44,7 @@ def record_tails(block: nn.Module, tails: dict[str, tuple[str, int] | None]) -> 
 def probe_tails(model: nn.Module, blocks: nn.ModuleList) -> list[dict[str, tuple[str, int] | None]]:
     """`record_tails` of every block, from one forward of a short random input through the model."""
     tails: list[dict] = [{} for _ in blocks]
-    handles = [handle for block, block_tails in zip(blocks, tails) for handle in record_tails(block, block_tails)]
-    try:
-        with torch.no_grad():
-            model(torch.randint(0, model.config.vocab_size, (1, 8)), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    probe_forward(model, [hook for block, found in zip(blocks, tails) for hook in record_tails(block, found)])
     return tails
 
 
