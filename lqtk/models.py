@@ -175,13 +175,3 @@ def block_output(output) -> torch.Tensor:
 
 def linear_layers(block: nn.Module, types=(nn.Linear,)) -> dict[str, nn.Module]:
     return {name: m for name, m in block.named_modules() if isinstance(m, types)}
-
-
-@torch.no_grad()
-def probe_forward(model: PreTrainedModel, hooks: list) -> None:
-    """One forward of a short random input through `model`, for `hooks` (handles) to watch; then removes them."""
-    try:
-        model(torch.randint(0, model.config.vocab_size, (1, 8)), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()

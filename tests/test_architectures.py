@@ -135,15 +135,16 @@ def test_unfused_experts_compute_the_fused_logits(config, tiny):
 
 def test_experts_share_passes_and_routers_stay_out(tiny):
     model = load_causal_lm(tiny("qwen2_moe"))
-    linears = [{name: m for name, m in linear_layers(block).items() if not name.endswith("shared_expert_gate")}
-               for block in decoder_blocks(model)]
-    sequential, at_once = (passes_module.calibration_passes(model, linears, flag) for flag in (True, False))
-    assert at_once == [[[group for one_pass in block for group in one_pass]] for block in sequential]  # one pass
-    for block_passes, block_linears in zip(sequential, linears):
-        names = [name for one_pass in block_passes for group in one_pass for name in group]
-        assert sorted(names) == sorted(block_linears)  # each Linear once, also experts the probe did not reach
+    tokens = torch.randint(0, model.config.vocab_size, (1, 8))  # few tokens: some experts are not reached
+    for block in decoder_blocks(model):
+        linears = {name: m for name, m in linear_layers(block).items() if not name.endswith("shared_expert_gate")}
+        sequential, at_once = (passes_module.calibration_passes(linears, lambda: model(tokens), flag)
+                               for flag in (True, False))
+        assert at_once == [[group for one_pass in sequential for group in one_pass]]  # one pass
+        names = [name for one_pass in sequential for group in one_pass for name in group]
+        assert sorted(names) == sorted(linears)  # each Linear once, also experts the probe did not reach
         gate_up, down = ([[f"mlp.experts.{e}.{proj}"] for e in range(4)] for proj in ("gate_up_proj", "down_proj"))
-        experts_passes = [sorted(one_pass) for one_pass in block_passes if "experts." in one_pass[0][0]]
+        experts_passes = [sorted(one_pass) for one_pass in sequential if "experts." in one_pass[0][0]]
         assert experts_passes == [gate_up, down]
 
 
@@ -153,7 +154,7 @@ def test_merged_expert_passes_give_what_one_pass_per_expert_gives(tiny, texts, t
     calibrate(tiny("qwen2_moe"), texts, tmp_path / "merged", *args)
     merged = passes_module.calibration_passes
     monkeypatch.setattr("lqtk.phases.layerwise.calibration_passes", lambda *a: [
-        [[group] for one_pass in block for group in one_pass] for block in merged(*a)])
+        [group] for one_pass in merged(*a) for group in one_pass])
     calibrate(tiny("qwen2_moe"), texts, tmp_path / "split", *args)
     expected, result = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("split", "merged"))
     assert expected.keys() == result.keys() and all(torch.equal(expected[k], result[k]) for k in expected)

@@ -2,45 +2,44 @@
 
 A group is the Linears that read the same input tensor (q/k/v; gate/up): they share one Hessian. A pass is the
 groups whose Hessians one run of the block accumulates; with `sequential`, each pass calibrates on the outputs of
-the groups quantized in the passes before it. Groups and their order come from one probe forward. Groups whose
+the groups quantized in the passes before it. Groups and their order come from one probe run of the block. Groups whose
 Linears differ only in an index of a ModuleList (the experts of an MoE block: `mlp.experts.3.down_proj`) do not
 feed each other, so they share a pass, placed where the first of them ran: an MoE block takes two passes (all
 gate/up, all down) rather than two per expert. An expert the probe routed no token to joins its siblings' pass.
 """
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from lqtk.errors import LqtkError
-from lqtk.models import probe_forward
 
 
-def calibration_passes(model: nn.Module, block_linears: list[dict[str, nn.Module]],
+def calibration_passes(linears: dict[str, nn.Module], run_block: Callable[[], None],
                        sequential: bool) -> list[list[list[str]]]:
-    """Per block, its passes; each pass a list of groups of Linear names (relative to the block), in execution
-    order. `block_linears` holds each block's Linears to calibrate by name. Without `sequential`, one pass of all
+    """A block's passes, each a list of groups of Linear names (relative to the block), in execution order.
+    `linears` holds the block's Linears to calibrate by name; `run_block` runs the block once, on calibration inputs
+    (real tokens: an MoE router routes them as it will route the calibration). Without `sequential`, one pass of all
     groups: every Linear calibrates on the fp block's activations."""
-    passes = [_passes(groups, [name for name in linears if not any(name in group for group in groups)])
-              for groups, linears in zip(_probe_groups(model, block_linears), block_linears)]
-    return passes if sequential else [[[group for one_pass in block for group in one_pass]] for block in passes]
+    seen: list[tuple[torch.Tensor, list[str]]] = []
 
-
-def _probe_groups(model: nn.Module, block_linears: list[dict[str, nn.Module]]) -> list[list[list[str]]]:
-    """Per block, the groups of Linears that read the same input tensor, in the order they first ran on a short
-    random input."""
-    seen: list[list[tuple[torch.Tensor, list[str]]]] = [[] for _ in block_linears]
-
-    def record(block_seen, name, x):  # inputs are kept alive in `seen`, so identity comparison is safe
-        for x_seen, names in block_seen:
+    def record(name, x):  # inputs are kept alive in `seen`, so identity comparison is safe
+        for x_seen, names in seen:
             if x_seen is x:
                 return names.append(name)
-        block_seen.append((x, [name]))
+        seen.append((x, [name]))
 
-    probe_forward(model, [m.register_forward_pre_hook(lambda m, args, s=seen[i], n=name: record(s, n, args[0]))
-                          for i, linears in enumerate(block_linears) for name, m in linears.items()])
-    return [[names for _, names in block_seen] for block_seen in seen]
+    hooks = [m.register_forward_pre_hook(lambda m, args, n=name: record(n, args[0])) for name, m in linears.items()]
+    try:
+        run_block()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups = [names for _, names in seen]
+    passes = _passes(groups, [name for name in linears if not any(name in group for group in groups)])
+    return passes if sequential else [[group for one_pass in passes for group in one_pass]]
 
 
 def _passes(groups: list[list[str]], unreached: list[str]) -> list[list[list[str]]]:

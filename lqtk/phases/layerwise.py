@@ -30,7 +30,7 @@ from lqtk.moe import ROUTER_LINEARS
 from lqtk.nn import QuantizedLinear, quantized_layers, quantized_linear_from_config, set_submodule
 from lqtk.phases.block_tuning import BlockTuning
 from lqtk.phases.calibration_passes import calibration_passes
-from lqtk.phases.replay import SubmoduleReplay, probe_tails
+from lqtk.phases.replay import SubmoduleReplay, record_tails
 from lqtk.phases.walk import BlockWalk, StopForward
 from lqtk.quant.base import HessianAccumulator, WeightQuantizer
 
@@ -82,8 +82,9 @@ class LayerwiseCalibration(BlockWalk):
                     self.quantizer.check_fits(tuple(linear.weight.shape))
                 except LqtkError as err:
                     raise LqtkError(f"{self.block_prefix(i)}{name}: {err}") from err
-        self.passes = calibration_passes(self.model, [self._linears(block) for block in self.blocks], self.sequential)
-        self.tails = probe_tails(self.model, self.blocks)
+        # per block, found when the walk reaches it (`_plan_block`)
+        self.passes: list[list | None] = [None] * len(self.blocks)
+        self.tails: list[dict | None] = [None] * len(self.blocks)
 
     def _linears(self, block) -> dict:
         return {name: m for name, m in linear_layers(block).items() if not name.endswith(self.skip)}
@@ -96,12 +97,29 @@ class LayerwiseCalibration(BlockWalk):
         if self.block_tuning is not None:
             self.report("computing the fp block's outputs (fine-tuning targets)")
             self.targets = self.block_outputs(self.block)
+        self.passes[self.current_epoch], self.tails[self.current_epoch] = self._plan_block()
         tails = self.tails[self.current_epoch] if self.replay else {}
         self.replayed = SubmoduleReplay(self.block, tails, lambda: self.batch_index, self.device)
         self.pending = {}  # the Linears of each child of the block still to quantize
         for groups in self.passes[self.current_epoch]:
             for name in (name for group in groups for name in group):
                 self.pending.setdefault(name.split(".")[0], set()).add(name)
+
+    @torch.no_grad()
+    def _plan_block(self) -> tuple[list[list[list[str]]], dict]:
+        """The current block's passes (`calibration_passes`) and the replay's plan (`record_tails`), from one run of
+        its first calibration batch."""
+        tails: dict = {}
+        hooks = record_tails(self.block, tails)
+        _, hidden, kwargs = self.batch(0)
+        try:
+            with self.autocast():
+                passes = calibration_passes(self._linears(self.block), lambda: self.block(hidden, **kwargs),
+                                            self.sequential)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return passes, tails
 
     @torch.no_grad()
     def training_step(self, batch, batch_idx) -> None:

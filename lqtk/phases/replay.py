@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lqtk.models import linear_layers, probe_forward
+from lqtk.models import linear_layers
 
 
 def record_tails(block: nn.Module, tails: dict[str, tuple[str, int] | None]) -> list:
@@ -39,13 +39,6 @@ def record_tails(block: nn.Module, tails: dict[str, tuple[str, int] | None]) -> 
     children = {name: child for name, child in block.named_children() if linear_layers(child)}
     handles = [m.register_forward_hook(linear_hook(name)) for name, m in linear_layers(block).items()]
     return handles + [child.register_forward_hook(child_hook(name)) for name, child in children.items()]
-
-
-def probe_tails(model: nn.Module, blocks: nn.ModuleList) -> list[dict[str, tuple[str, int] | None]]:
-    """`record_tails` of every block, from one forward of a short random input through the model."""
-    tails: list[dict] = [{} for _ in blocks]
-    probe_forward(model, [hook for block, found in zip(blocks, tails) for hook in record_tails(block, found)])
-    return tails
 
 
 class SubmoduleReplay:
