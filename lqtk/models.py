@@ -97,8 +97,10 @@ def resolve_model(model: str | Path) -> Path:
     return path
 
 
-def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a causal LM (fp or an lqtk export) from a local folder or reference name, with clear errors."""
+def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32, lazy: bool = False) -> PreTrainedModel:
+    """Load a causal LM (fp or an lqtk export) from a local folder or reference name, with clear errors. `lazy`:
+    only the tensors outside the decoder blocks are loaded; blocks are materialized when they run
+    (lqtk.streaming)."""
     path = resolve_model(model)
     config_file = path / "config.json"
     try:
@@ -113,8 +115,14 @@ def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32) -> Pre
     if config_dict.get("quantization_config", {}).get("quant_method") == "lqtk":
         from lqtk.export.format import load_quantized
 
-        return load_quantized(path, config, dtype)
+        return load_quantized(path, config, dtype, lazy)
     try:
+        if lazy:
+            from lqtk.streaming import WeightFiles, empty_model, open_streamed
+
+            files = WeightFiles(path)
+            files.check_finite()
+            return open_streamed(empty_model(config, dtype), files, lazy=True, strict=False)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as err:
         raise LqtkError(f"could not load the weights in {path} ({err}): the folder is incomplete or corrupt; "

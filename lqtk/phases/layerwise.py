@@ -12,22 +12,35 @@ progress bar names the pass under way and extrapolates the time left for the who
 With `block_tuning`, each quantized block is then fine-tuned to reproduce the fp block's outputs on the same inputs
 (AQLM's recipe) before its outputs feed the next block.
 
-Checkpoints (one per block) hold only what the walk produced: the finished blocks' quantized tensors, the next
-block's inputs and the run's identity; `ckpt_path=last` resumes after the last finished block.
+The model is streamed (lqtk.streaming): its skeleton is built on the meta device, block k's fp weights are read from
+the model's safetensors at the start of its epoch, and once quantized the block is written to
+`<run folder>/blocks/<block>.safetensors` and released, so memory holds one block and the activations, not the
+model. The evaluation and the export read the finished blocks back one at a time.
+
+Checkpoints (one per block) hold only what the walk produced: the finished blocks' layer configs (their tensors are
+in the block files), the next block's inputs and the run's identity; `ckpt_path=last` resumes after the last
+finished block.
 """
 
 import dataclasses
+import logging
+import shutil
 import time
+from pathlib import Path
 
 import torch
 
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, linear_layers, load_causal_lm
-from lqtk.nn import QuantizedLinear, quantized_layers, quantized_linear_from_config, set_submodule
+from lqtk.nn import QuantizedLinear, quantized_layers, set_submodule
 from lqtk.phases.block_tuning import BlockTuning
 from lqtk.phases.replay import SubmoduleReplay, record_tails
 from lqtk.phases.walk import BlockWalk, StopForward
 from lqtk.quant.base import HessianAccumulator, WeightQuantizer
+from lqtk.streaming import available_memory, materialize, meta_quantized_linear, module_bytes, save_block, weight_files
+
+log = logging.getLogger(__name__)
+GIB = 2**30
 
 
 class LayerwiseCalibration(BlockWalk):
@@ -54,12 +67,13 @@ class LayerwiseCalibration(BlockWalk):
         self.layer_errors: dict[str, float] = {}  # relative output error of each quantized Linear
         self.layer_history: dict[str, dict] = {}  # what iterative methods report per layer (objective per round)
         self.tuning_results: dict[str, dict] = {}  # per block: held-out error before and after fine-tuning
+        self.finished_blocks: list[int] = []  # blocks written to their block files
 
     # --- set-up -------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         # Kept out of the module tree: Lightning must neither move the whole model to the device (blocks go one at
-        # a time) nor checkpoint the fp weights.
-        model = load_causal_lm(self.model_path).requires_grad_(False)  # block_tuning unfreezes what it trains
+        # a time) nor checkpoint the fp weights. Streamed: only the tensors outside the blocks are loaded here.
+        model = load_causal_lm(self.model_path, lazy=True).requires_grad_(False)  # block_tuning unfreezes its own
         self.__dict__.update(model=model, blocks=decoder_blocks(model))
         for i, block in enumerate(self.blocks):
             for name, linear in self._linears(block).items():
@@ -67,44 +81,72 @@ class LayerwiseCalibration(BlockWalk):
                     self.quantizer.check_fits(tuple(linear.weight.shape))
                 except LqtkError as err:
                     raise LqtkError(f"{self.block_prefix(i)}{name}: {err}") from err
-        self.stages, self.tails = self._probe()
+        self._check_memory()
+        # per block, found when it is loaded (`_probe`)
+        self.stages: list[list[list[list[str]]] | None] = [None] * len(self.blocks)
+        self.tails: list[dict | None] = [None] * len(self.blocks)
 
     def _linears(self, block) -> dict:
         return {name: m for name, m in linear_layers(block).items() if not name.endswith(self.skip)}
 
-    def _probe(self) -> tuple[list[list[list[list[str]]]], list[dict]]:
-        """One forward of a short random input through the model, which finds, per block:
+    def _check_memory(self) -> None:
+        """Refuse, before any work, a model one of whose blocks does not fit with the activations in the memory
+        left; drop the replay's extra activations if only they do not fit."""
+        data, config = self.trainer.datamodule, self.model.config
+        values = data.num_calibration_windows * data.seq_len  # calibration positions
+        activations = 2 * values * config.hidden_size * 4  # a block's inputs and outputs, fp32
+        block = max(module_bytes(block) for block in self.blocks)  # fp32; meta tensors have sizes only
+        needed, left = 2 * block + activations, available_memory()  # the fp block and its decoded quantized layers
+        if needed > left:
+            raise LqtkError(f"one block of {self.model_path} ({block / GIB:.2f} GiB in fp32, twice that while it is "
+                            f"quantized) and the calibration activations ({activations / GIB:.2f} GiB) need "
+                            f"{needed / GIB:.2f} GiB, but only {left / GIB:.2f} GiB of memory is left: free memory, or "
+                            "use fewer or shorter calibration windows (data.num_calibration_windows, data.seq_len)")
+        intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
+        replayed = values * (2 * config.hidden_size + intermediate) * 4
+        if self.replay and needed + replayed > left:
+            log.warning("replay off: its %.2f GiB of activations do not fit in the %.2f GiB of memory left",
+                        replayed / GIB, left / GIB)
+            self.replay = False
+
+    def _probe(self) -> tuple[list[list[list[str]]], dict]:
+        """One forward of the first calibration batch through the current block, which finds:
         - its stages: the passes that calibrate it, each a list of groups of Linears that share their input (hence
           their Hessian), in execution order. True-sequential: one group per stage, so each group calibrates on the
           outputs of the quantized earlier ones; otherwise one stage of all groups, on the fp block's activations.
         - what `record_tails` finds (the replay's plan)."""
-        seen: list[list[tuple[torch.Tensor, list[str]]]] = [[] for _ in self.blocks]
-        tails: list[dict] = [{} for _ in self.blocks]
+        seen: list[tuple[torch.Tensor, list[str]]] = []
+        tails: dict = {}
 
-        def record(block_seen, name, x):  # inputs are kept alive in `seen`, so identity comparison is safe
-            for x_seen, names in block_seen:
+        def record(name, x):  # inputs are kept alive in `seen`, so identity comparison is safe
+            for x_seen, names in seen:
                 if x_seen is x:
                     return names.append(name)
-            block_seen.append((x, [name]))
+            seen.append((x, [name]))
 
-        hooks = [m.register_forward_pre_hook(lambda m, args, s=seen[i], n=name: record(s, n, args[0]))
-                 for i, block in enumerate(self.blocks) for name, m in self._linears(block).items()]
-        hooks += [hook for block, block_tails in zip(self.blocks, tails) for hook in record_tails(block, block_tails)]
+        hooks = [m.register_forward_pre_hook(lambda m, args, n=name: record(n, args[0]))
+                 for name, m in self._linears(self.block).items()]
+        hooks += record_tails(self.block, tails)
+        _, hidden, kwargs = self.batch(0)
         try:
             with torch.no_grad():
-                self.model(torch.randint(0, self.model.config.vocab_size, (1, 8)), use_cache=False)
+                self.block(hidden, **kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
-        groups = [[names for _, names in block_seen] for block_seen in seen]
-        stages = [[[group] for group in block_groups] if self.sequential else [block_groups]
-                  for block_groups in groups]
-        return stages, tails
+        groups = [names for _, names in seen]
+        return ([[group] for group in groups] if self.sequential else [groups]), tails
+
+    def block_file(self, index: int) -> Path:
+        return Path(self.trainer.default_root_dir) / "blocks" / f"{self.block_prefix(index)}safetensors"
 
     # --- the walk -----------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()
+        materialize(self.model, self.current_epoch)
         self.block.to(self.device)
+        if self.stages[self.current_epoch] is None:
+            self.stages[self.current_epoch], self.tails[self.current_epoch] = self._probe()
         self.hessians: dict[str, HessianAccumulator] = {}  # of the groups being calibrated, by first Linear
         if self.block_tuning is not None:
             self.report("computing the fp block's outputs (fine-tuning targets)")
@@ -140,6 +182,8 @@ class LayerwiseCalibration(BlockWalk):
         self.inputs = self.block_outputs(self.block)
         self.replayed.close()
         self.block.to("cpu")
+        save_block(self.model, self.current_epoch, self.block_file(self.current_epoch))
+        self.finished_blocks.append(self.current_epoch)
         self.quantize_time_s += time.perf_counter() - self.epoch_start
 
     def _calibrate(self, batch_index: int, stage: list[list[str]]) -> None:
@@ -196,6 +240,10 @@ class LayerwiseCalibration(BlockWalk):
                 if not child:
                     self.replayed.finish(name.split(".")[0])
 
+    def on_fit_end(self) -> None:
+        """The export is written and verified (ExportQuantized runs first): the block files are not needed."""
+        shutil.rmtree(self.block_file(0).parent, ignore_errors=True)
+
     # --- checkpoints --------------------------------------------------------------------------------------
     def identity(self) -> dict:
         quantizer = {"class": type(self.quantizer).__qualname__, **dataclasses.asdict(self.quantizer)}
@@ -204,17 +252,23 @@ class LayerwiseCalibration(BlockWalk):
                 "skip": list(self.skip), "block_tuning": tuning, "data": dict(self.trainer.datamodule.hparams)}
 
     def walk_state(self) -> dict:
-        layers = quantized_layers(self.model)
-        return {"layers": {name: (m.layer_config(), m.tensors(), m.bias) for name, m in layers.items()},
-                **self.phase_metrics()}
+        layers = {name: m.layer_config() for name, m in quantized_layers(self.model).items()}
+        return {"layers": layers, "finished_blocks": self.finished_blocks, **self.phase_metrics()}
 
     def phase_metrics(self) -> dict:
         return {"layer_errors": self.layer_errors, "layer_history": self.layer_history,
                 "block_tuning": self.tuning_results}
 
     def restore_walk_state(self, state: dict) -> None:
-        for name, (config, tensors, bias) in state["layers"].items():
-            set_submodule(self.model, name, quantized_linear_from_config(config, tensors, bias))
+        files = weight_files(self.model)
+        for index in state["finished_blocks"]:
+            if not self.block_file(index).is_file():
+                raise LqtkError(f"{self.block_file(index)}, written with the checkpoint, is missing: start afresh "
+                                "without --ckpt_path")
+            files.add(self.block_file(index))
+        for name, config in state["layers"].items():
+            set_submodule(self.model, name, meta_quantized_linear(files, name, config))
+        self.finished_blocks = state["finished_blocks"]
         self.layer_errors = state["layer_errors"]
         self.layer_history = state["layer_history"]
         self.tuning_results = state["block_tuning"]

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lqtk.errors import LqtkError
 from lqtk.models import block_output
 from lqtk.phases.block_tuning import BlockTuning, tune_block
+from lqtk.streaming import to_device
 
 
 class StopForward(Exception):
@@ -63,7 +64,7 @@ class BlockWalk(LightningModule):
 
         handle = self.blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            self.model.to(self.device)  # only the embedding runs; moved back below
+            to_device(self.model, self.device)  # only the embedding runs (a streamed model's blocks are not loaded)
             for batch in batches:
                 try:
                     self.model(batch.to(self.device), use_cache=False)
@@ -71,7 +72,7 @@ class BlockWalk(LightningModule):
                     pass
         finally:
             handle.remove()
-            self.model.to("cpu")
+            to_device(self.model, "cpu")
         return torch.cat(hidden), kwargs
 
     @property
