@@ -42,24 +42,68 @@ def _smollm2_135m(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def build_tiny_llama(out: Path, **config) -> None:
-    """A tiny random Llama (default 2 blocks, hidden 64, GQA 4/2 heads) with a byte-level tokenizer, for tests and
-    the debug recipe; `config` overrides LlamaConfig fields. Seeded, so every machine builds the same weights."""
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + <|endoftext|>): every text encodes, no training needed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     byte_vocab = {token: i for i, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     byte_vocab["<|endoftext|>"] = len(byte_vocab)
     tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    defaults = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-    config = LlamaConfig(vocab_size=len(byte_vocab), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **(defaults | config))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def _llama_config(tokenizer, **config):
+    from transformers import LlamaConfig
+
+    defaults = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                    tie_word_embeddings=True)
+    return LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       **(defaults | config))
+
+
+def build_tiny_llama(out: Path, **config) -> None:
+    """A tiny random Llama (default 2 blocks, hidden 64, GQA 4/2 heads) with a byte-level tokenizer, for tests and
+    the debug recipe; `config` overrides LlamaConfig fields. Seeded, so every machine builds the same weights."""
+    tokenizer = byte_tokenizer()
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    AutoModelForCausalLM.from_config(_llama_config(tokenizer, **config), dtype=torch.float32).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def write_random_llama(out: Path, std: float = 0.02, seed: int = 0, **config) -> None:
+    """A random Llama of any size (`config` overrides LlamaConfig fields, as in build_tiny_llama) written shard by
+    shard, one shard per decoder block plus one for the rest, without ever holding more than one block: Linear and
+    embedding weights normal with `std`, norms 1, so activations stay finite through many blocks. The vocabulary may
+    be larger than the byte-level tokenizer's 257 tokens: the extra rows are never looked up."""
+    from safetensors.torch import save_file
+
+    from lqtk.streaming import INDEX_NAME, empty_model
+
+    tokenizer = byte_tokenizer()
+    llama_config = _llama_config(tokenizer, **config)
+    skeleton = empty_model(llama_config, torch.float32)
+    blocks = f"{next(n for n, m in skeleton.named_modules() if m is decoder_blocks(skeleton))}."
+    shapes = {name: t.shape for name, t in skeleton.state_dict().items() if name != "lm_head.weight" or
+              not llama_config.tie_word_embeddings}
+    groups = {"": [name for name in shapes if not name.startswith(blocks)]}
+    for name in shapes:
+        if name.startswith(blocks):
+            groups.setdefault(name[: name.index(".", len(blocks)) + 1], []).append(name)
+    out.mkdir(parents=True, exist_ok=True)
+    generator, weight_map, total = torch.Generator().manual_seed(seed), {}, 0
+    for number, names in enumerate(groups.values()):
+        file = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {name: torch.ones(shapes[name]) if name.endswith("norm.weight")
+                   else torch.randn(shapes[name], generator=generator) * std for name in names}
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    llama_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 

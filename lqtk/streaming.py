@@ -9,6 +9,8 @@ block into shards (`save_sharded`), so peak memory grows with one block and the 
 Fully loaded models go through the same functions: their blocks are only moved to the device and back.
 """
 
+import ctypes
+import ctypes.util
 import json
 import logging
 from collections.abc import Iterator
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_BYTES = 512 * 2**20  # shard size limit of the export: at most this much of the export is held for writing
+# glibc keeps freed heap memory for reuse; a released block's few-MiB tensors then stay in the process's RSS, and with
+# the next block's allocations interleaved the heap only grows. malloc_trim hands the free pages back.
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+_MALLOC_TRIM_AVAILABLE = hasattr(_LIBC, "malloc_trim")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -169,6 +175,12 @@ def release(block: nn.Module) -> None:
     for module in block.modules():
         if hasattr(module, "drop_decoded"):
             module.drop_decoded()
+    return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    if _MALLOC_TRIM_AVAILABLE:
+        _LIBC.malloc_trim(0)
 
 
 def to_device(module: nn.Module, device) -> nn.Module:
@@ -191,6 +203,7 @@ def block_on(model: nn.Module, index: int, device=None):
             release(block)
         elif device is not None:
             block.to("cpu")
+            return_freed_memory()
 
 
 def save_block(model: nn.Module, index: int, file: Path) -> None:
