@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -36,10 +37,14 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_BYTES = 512 * 2**20  # shard size limit of the export: at most this much of the export is held for writing
-# glibc keeps freed heap memory for reuse; a released block's few-MiB tensors then stay in the process's RSS, and with
-# the next block's allocations interleaved the heap only grows. malloc_trim hands the free pages back.
+# glibc serves allocations below its mmap threshold from the heap and keeps freed heap memory for reuse; it raises
+# that threshold up to 32 MiB as large tensors are freed, so a block's weights and activations end up in a heap that
+# only grows. A fixed threshold gives tensors of a MiB and more their own mappings, unmapped when freed;
+# malloc_trim hands back what the heap has free.
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
 _MALLOC_TRIM_AVAILABLE = hasattr(_LIBC, "malloc_trim")
+_MALLOPT_AVAILABLE = hasattr(_LIBC, "mallopt")
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -72,13 +77,13 @@ class WeightFiles:
             self.files.update(dict.fromkeys(f.keys(), Path(file)))
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
+        """The tensors, copied out of the file mapping one at a time: a tensor that views the mapping keeps the
+        whole file's touched pages resident for as long as any of its tensors lives (a block's norms would keep
+        its quantized Linears' fp weights in memory)."""
         tensors = {}
-        for file, file_names in by_file.items():
-            with safe_open(file, "pt") as f:
-                tensors.update({name: f.get_tensor(name) for name in file_names})
+        for name in names:
+            with safe_open(self.files[name], "pt") as f:
+                tensors[name] = f.get_tensor(name).clone()
         return tensors
 
     def meta(self, name: str) -> torch.Tensor:
@@ -116,6 +121,7 @@ def open_streamed(model: PreTrainedModel, files: WeightFiles, lazy: bool, strict
     """Attach `files` to the skeleton `model` and load its tensors outside the blocks (all of them unless `lazy`).
     `strict`: every tensor of the files must belong to the model (an export; fp folders may hold extra ones)."""
     model.lqtk_weight_files = files
+    map_large_allocations()
     blocks_prefix = _blocks_prefix(model)
     expected = set(model.state_dict())
     tied = {target: source for target, source in getattr(model, "all_tied_weights_keys", {}).items()
@@ -181,6 +187,12 @@ def release(block: nn.Module) -> None:
 def return_freed_memory() -> None:
     if _MALLOC_TRIM_AVAILABLE:
         _LIBC.malloc_trim(0)
+
+
+def map_large_allocations() -> None:
+    """Fix glibc's mmap threshold at 1 MiB (see _LIBC): freed tensors leave the process."""
+    if _MALLOPT_AVAILABLE:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 2**20)
 
 
 def to_device(module: nn.Module, device) -> nn.Module:
@@ -323,6 +335,17 @@ def final_hidden_states(model: nn.Module, windows: torch.Tensor, batch_size: int
 
 
 # --- memory -----------------------------------------------------------------------------------------------------
+def activation_buffer(shape: tuple[int, ...], file: Path | None) -> torch.Tensor:
+    """An empty fp32 tensor for (N, T, D) block inputs or outputs: in memory, or memory-mapped on a new `file` (its
+    pages go to disk when memory is short). The file is replaced, not overwritten: a tensor still mapping the old
+    one keeps its data."""
+    if file is None:
+        return torch.empty(shape)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.unlink(missing_ok=True)
+    return torch.from_file(str(file), shared=True, size=math.prod(shape), dtype=torch.float32).view(shape)
+
+
 def available_memory() -> int:
     """Bytes the process can still allocate without swapping (MemAvailable)."""
     return psutil.virtual_memory().available

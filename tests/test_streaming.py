@@ -16,6 +16,7 @@ from lqtk.phases import LayerwiseCalibration
 from lqtk.quant import RTN
 from lqtk.streaming import INDEX_NAME, final_hidden_states
 from test_cli import REPO, recipe_args, run_lqtk
+from test_layerwise import calibrate, quantized_tensors
 
 RTN_RECIPE = str(REPO / "configs" / "smollm2-135m" / "rtn-w4g128.yaml")
 WIDE = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=8, vocab_size=512)
@@ -27,7 +28,7 @@ def streamed_runs(corpus, tmp_path_factory):
     """RTN w4g128 through the CLI on a 12-block model and on a 1-block model of the same width (whose peak holds
     everything a run needs besides the other 11 blocks): {blocks: (model folder, run folder)}."""
     root = tmp_path_factory.mktemp("streaming")
-    short_text = write_text(root / "evaluation.txt", 300, 2)  # the evaluations stream too; keep them short
+    short_text = write_text(root / "evaluation.txt", 100, 2)  # the evaluations stream too; keep them short
     runs = {}
     for blocks in (1, DEEP):
         model, run_dir = root / f"model-{blocks}", root / f"run-{blocks}"
@@ -53,7 +54,6 @@ def test_sharded_export_reloads_with_the_quantized_weights_of_each_layer(streame
     export = run_dir / "model"
     assert len(json.loads((export / INDEX_NAME).read_text())["weight_map"]) > 0
     assert len(list(export.glob("model-*-of-*.safetensors"))) > DEEP  # 1 MiB shards: ~2 per block
-    assert not (run_dir / "blocks").exists()  # the block files are gone once the export is verified
     loaded, lazy = load_causal_lm(export), load_causal_lm(export, lazy=True)
     fp = load_causal_lm(fp_folder)
     quantizer = RTN(bits=4, group_size=128)
@@ -79,3 +79,12 @@ def test_a_block_that_does_not_fit_is_refused_before_any_work(corpus, tmp_path, 
         Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_progress_bar=False,
                 default_root_dir=tmp_path).fit(phase, datamodule=data)
     assert not (tmp_path / "blocks").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_activations_on_disk_change_no_bit_of_the_result(corpus, tmp_path):
+    on_disk = calibrate(corpus, tmp_path / "disk", activations_on_disk=True)
+    in_memory = calibrate(corpus, tmp_path / "memory")
+    assert torch.equal(on_disk.inputs, in_memory.inputs)  # the last block's outputs
+    ours, theirs = quantized_tensors(on_disk), quantized_tensors(in_memory)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert not (tmp_path / "disk" / "activations").exists()  # removed after the export

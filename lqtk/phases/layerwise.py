@@ -55,15 +55,18 @@ class LayerwiseCalibration(BlockWalk):
         block_tuning: If set, fine-tune each quantized block towards the fp block's outputs before moving on.
         replay: Compute each op of a block once across its calibration passes (`lqtk.phases.replay`): the same
             result with about 2.4x fewer forward FLOPs, for up to N·T·(2·hidden + intermediate) more activations
-            held on the CPU while a block is calibrated; false recomputes them.
+            held on the CPU while a block is calibrated; false recomputes them (and so does a run whose memory left
+            cannot hold them).
+        activations_on_disk: Keep the (N, T, D) block inputs and outputs in memory-mapped files in the run folder
+            (`activations/`) rather than in memory; also chosen when they do not fit in the memory left.
     """
 
     def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None,
-                 block_tuning: BlockTuning | None = None, replay: bool = True):
+                 block_tuning: BlockTuning | None = None, replay: bool = True, activations_on_disk: bool = False):
         super().__init__()
         self.model_path, self.quantizer, self.sequential = model, quantizer, sequential
         self.skip = tuple(skip or ())
-        self.block_tuning, self.replay = block_tuning, replay
+        self.block_tuning, self.replay, self.activations_on_disk = block_tuning, replay, activations_on_disk
         self.layer_errors: dict[str, float] = {}  # relative output error of each quantized Linear
         self.layer_history: dict[str, dict] = {}  # what iterative methods report per layer (objective per round)
         self.tuning_results: dict[str, dict] = {}  # per block: held-out error before and after fine-tuning
@@ -90,18 +93,28 @@ class LayerwiseCalibration(BlockWalk):
         return {name: m for name, m in linear_layers(block).items() if not name.endswith(self.skip)}
 
     def _check_memory(self) -> None:
-        """Refuse, before any work, a model one of whose blocks does not fit with the activations in the memory
-        left; drop the replay's extra activations if only they do not fit."""
+        """Refuse, before any work, a model one of whose blocks does not fit in the memory left with a batch's
+        activations; put the block inputs and outputs on disk if they do not fit beside it, and drop the replay's
+        extra activations if they do not fit either."""
         data, config = self.trainer.datamodule, self.model.config
         values = data.num_calibration_windows * data.seq_len  # calibration positions
         activations = 2 * values * config.hidden_size * 4  # a block's inputs and outputs, fp32
+        batch = activations * data.batch_size // data.num_calibration_windows
         block = max(module_bytes(block) for block in self.blocks)  # fp32; meta tensors have sizes only
-        needed, left = 2 * block + activations, available_memory()  # the fp block and its decoded quantized layers
+        needed, left = 2 * block + batch, available_memory()  # the fp block and its decoded quantized layers
         if needed > left:
             raise LqtkError(f"one block of {self.model_path} ({block / GIB:.2f} GiB in fp32, twice that while it is "
-                            f"quantized) and the calibration activations ({activations / GIB:.2f} GiB) need "
-                            f"{needed / GIB:.2f} GiB, but only {left / GIB:.2f} GiB of memory is left: free memory, or "
-                            "use fewer or shorter calibration windows (data.num_calibration_windows, data.seq_len)")
+                            f"quantized) and a batch's activations ({batch / GIB:.2f} GiB) need {needed / GIB:.2f} "
+                            f"GiB, but only {left / GIB:.2f} GiB of memory is left: free memory, or use a smaller "
+                            "data.batch_size or data.seq_len")
+        if not self.activations_on_disk and needed + activations > left:
+            log.warning("block inputs and outputs on disk: their %.2f GiB do not fit in the %.2f GiB of memory left",
+                        activations / GIB, left / GIB)
+            self.activations_on_disk = True
+        if self.activations_on_disk:
+            self.activations_dir = Path(self.trainer.default_root_dir) / "activations"
+        else:
+            needed += activations
         intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
         replayed = values * (2 * config.hidden_size + intermediate) * 4
         if self.replay and needed + replayed > left:
@@ -241,8 +254,10 @@ class LayerwiseCalibration(BlockWalk):
                     self.replayed.finish(name.split(".")[0])
 
     def on_fit_end(self) -> None:
-        """The export is written and verified (ExportQuantized runs first): the block files are not needed."""
-        shutil.rmtree(self.block_file(0).parent, ignore_errors=True)
+        """The walk is over (and ExportQuantized, which runs first, has exported): the memory-mapped activations are
+        not needed. The block files stay: they hold the finished model's blocks (`self.model` reads them)."""
+        if self.activations_dir is not None:
+            shutil.rmtree(self.activations_dir, ignore_errors=True)
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def identity(self) -> dict:
