@@ -161,7 +161,7 @@ def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32, lazy: 
 
         return load_quantized(path, config, dtype, lazy)
     try:
-        if lazy:
+        if lazy and "quantization_config" not in config_dict:  # other quantizers' layouts load through transformers
             from lqtk.streaming import WeightFiles, empty_model, open_streamed
 
             files = WeightFiles(path)

@@ -126,8 +126,8 @@ class ExportQuantized(Callback):
 
     @torch.no_grad()
     def _verify(self, model, reloaded, trainer, folder: str, atol: float) -> None:
-        """The export must compute what the phase computed: compare logits on a few evaluation windows (block by
-        block, both models on the CPU)."""
+        """The export must compute what the phase computed: compare logits on a few evaluation windows (both
+        models run block by block: a streamed one never holds more than one block)."""
         windows = trainer.datamodule.evaluation_windows()[: self.verify_windows]
         diff = max((a - b).abs().max() for (_, _, a), (_, _, b) in zip(streamed_logits(model, windows),
                                                                         streamed_logits(reloaded, windows)))
