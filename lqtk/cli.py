@@ -85,7 +85,7 @@ def evaluate_command(args: list[str]) -> None:
     opts = parser.parse_args(args)
     data = TextDataModule(tokenizer=opts.model, evaluation_files=opts.text or default_split()[1],
                           seq_len=opts.seq_len, bos=opts.bos, batch_size=opts.batch_size)
-    model = load_causal_lm(opts.model)
+    model = load_causal_lm(opts.model, lazy=True)  # blocks loaded one at a time by the streamed evaluation
     start = time.perf_counter()
     ppl, tokens = perplexity(model, data.evaluation_windows()[: opts.max_windows], opts.batch_size)
     result = {"perplexity": ppl, "tokens": tokens, "seq_len": opts.seq_len, "bos": opts.bos,

@@ -10,6 +10,7 @@ import torch
 from torchmetrics.text import Perplexity
 
 from lqtk.models import cache_dir
+from lqtk.streaming import final_hidden_states
 
 EVAL_BATCH_SIZE = 2  # windows per forward
 LOGIT_POSITIONS = 256  # positions whose logits exist at once: 256 x a 262k vocabulary is 268 MB in fp32
@@ -27,21 +28,31 @@ def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 def logits_in_chunks(model: torch.nn.Module, windows: torch.Tensor, positions: int = LOGIT_POSITIONS):
     """Yield (start, fp32 logits (B, n, V) of positions start..start+n) of `model` on `windows` (B, T): the body
     runs once, the head on `positions` positions at a time, so that (tokens x vocabulary) logits never all exist."""
-    hidden = model.get_decoder()(windows, use_cache=False).last_hidden_state
+    yield from head_in_chunks(model, model.get_decoder()(windows, use_cache=False).last_hidden_state, positions)
+
+
+def head_in_chunks(model: torch.nn.Module, hidden: torch.Tensor, positions: int = LOGIT_POSITIONS):
+    """`logits_in_chunks` from the final hidden states (B, T, D)."""
     for start in range(0, hidden.shape[1], positions):
         yield start, output_logits(model, hidden[:, start:start + positions])
+
+
+def streamed_logits(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE):
+    """Yield (batch, start, logits) of `model` on `windows` as `logits_in_chunks` does per batch, with the body run
+    block by block over all batches (`lqtk.streaming.final_hidden_states`): a streamed model's blocks are
+    materialized once each, a loaded model's decoded quantized weights exist for one block at a time."""
+    for batch, hidden in enumerate(final_hidden_states(model, windows, batch_size)):
+        for start, logits in head_in_chunks(model, hidden):
+            yield batch, start, logits
 
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, int]:
     """(perplexity, number of predicted tokens) of `model` on `windows` (n, seq_len)."""
     metric = Perplexity(sync_on_compute=False)  # one process's windows, also inside a multi-process run
-    device = next(model.parameters()).device
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        targets = batch[:, 1:].cpu()
-        for start, logits in logits_in_chunks(model, batch[:, :-1]):  # the last position predicts nothing here
-            metric.update(logits.cpu(), targets[:, start:start + logits.shape[1]])
+    targets = windows[:, 1:].split(batch_size)
+    for batch, start, logits in streamed_logits(model, windows[:, :-1], batch_size):  # the last position is context
+        metric.update(logits.cpu(), targets[batch][:, start:start + logits.shape[1]])
     return metric.compute().item(), windows.shape[0] * (windows.shape[1] - 1)
 
 

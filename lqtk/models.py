@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lqtk.errors import LqtkError
-from lqtk.moe import unfuse_experts
+from lqtk.moe import expert_slices, unfuse_experts
 from lqtk.quant.base import check_finite
 
 log = logging.getLogger(__name__)
@@ -76,17 +76,56 @@ TINY_ARCHITECTURES = {
 }
 
 
+def tiny_config(architecture: str, tokenizer, **config) -> PretrainedConfig:
+    """The config of a tiny `architecture` model (a key of TINY_ARCHITECTURES) for `tokenizer`; `config` overrides
+    its fields."""
+    import transformers
+
+    config_type, settings = TINY_ARCHITECTURES[architecture]
+    return getattr(transformers, config_type)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                              eos_token_id=tokenizer.eos_token_id, **(_TINY | settings | config))
+
+
 def build_tiny_model(out: Path, architecture: str = "llama", **config) -> None:
     """A tiny random model of `architecture` (a key of TINY_ARCHITECTURES) with the byte-level tokenizer, for tests
     and debug recipes; `config` overrides config fields. Seeded, so every machine builds the same weights."""
-    import transformers
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(architecture, tokenizer, **config),
+                                     dtype=torch.float32).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def write_random_llama(out: Path, std: float = 0.02, seed: int = 0, **config) -> None:
+    """A random Llama of any size (`config` overrides LlamaConfig fields, as in build_tiny_model) written shard by
+    shard, one shard per decoder block plus one for the rest, without ever holding more than one block: Linear and
+    embedding weights normal with `std`, norms 1, so activations stay finite through many blocks. The vocabulary may
+    be larger than the byte-level tokenizer's 257 tokens: the extra rows are never looked up."""
+    from safetensors.torch import save_file
+
+    from lqtk.streaming import INDEX_NAME, empty_model
 
     tokenizer = byte_level_tokenizer()
-    config_type, settings = TINY_ARCHITECTURES[architecture]
-    config = getattr(transformers, config_type)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                                eos_token_id=tokenizer.eos_token_id, **(_TINY | settings | config))
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    llama_config = tiny_config("llama", tokenizer, **config)
+    skeleton = empty_model(llama_config, torch.float32)
+    blocks = f"{next(n for n, m in skeleton.named_modules() if m is decoder_blocks(skeleton))}."
+    shapes = {name: t.shape for name, t in skeleton.state_dict().items() if name != "lm_head.weight" or
+              not llama_config.tie_word_embeddings}
+    groups = {"": [name for name in shapes if not name.startswith(blocks)]}
+    for name in shapes:
+        if name.startswith(blocks):
+            groups.setdefault(name[: name.index(".", len(blocks)) + 1], []).append(name)
+    out.mkdir(parents=True, exist_ok=True)
+    generator, weight_map, total = torch.Generator().manual_seed(seed), {}, 0
+    for number, names in enumerate(groups.values()):
+        file = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {name: torch.ones(shapes[name]) if name.endswith("norm.weight")
+                   else torch.randn(shapes[name], generator=generator) * std for name in names}
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    llama_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
@@ -131,8 +170,10 @@ def resolve_model(model: str | Path) -> Path:
     return path
 
 
-def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a causal LM (fp or an lqtk export) from a local folder or reference name, with clear errors."""
+def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32, lazy: bool = False) -> PreTrainedModel:
+    """Load a causal LM (fp or an lqtk export) from a local folder or reference name, with clear errors. `lazy`:
+    only the tensors outside the decoder blocks are loaded; blocks are materialized when they run
+    (lqtk.streaming)."""
     path = resolve_model(model)
     config_file = path / "config.json"
     try:
@@ -147,8 +188,16 @@ def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32) -> Pre
     if config_dict.get("quantization_config", {}).get("quant_method") == "lqtk":
         from lqtk.export.format import load_quantized
 
-        return load_quantized(path, config, dtype)
+        return load_quantized(path, config, dtype, lazy)
     try:
+        if lazy and "quantization_config" not in config_dict:  # other quantizers' layouts load through transformers
+            from lqtk.streaming import WeightFiles, empty_model, open_streamed
+
+            skeleton = empty_model(config, dtype)
+            files = WeightFiles(path)
+            files.add_slices(expert_slices(skeleton))  # each expert's Linears read from the fused weights
+            files.check_finite()
+            return open_streamed(unfuse_experts(skeleton), files, lazy=True, strict=False)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as err:
         raise LqtkError(f"could not load the weights in {path} ({err}): the folder is incomplete or corrupt; "

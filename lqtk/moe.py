@@ -26,10 +26,12 @@ class Expert(nn.Module):
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module):
         super().__init__()
         self.act_fn = act_fn
-        self.gate_up_proj = nn.Linear(gate_up.shape[1], gate_up.shape[0], bias=False, dtype=gate_up.dtype)
-        self.down_proj = nn.Linear(down.shape[1], down.shape[0], bias=False, dtype=down.dtype)
-        self.gate_up_proj.weight.data.copy_(gate_up)
-        self.down_proj.weight.data.copy_(down)
+        self.gate_up_proj = nn.Linear(gate_up.shape[1], gate_up.shape[0], bias=False, dtype=gate_up.dtype,
+                                      device=gate_up.device)
+        self.down_proj = nn.Linear(down.shape[1], down.shape[0], bias=False, dtype=down.dtype, device=down.device)
+        if gate_up.device.type != "meta":  # a skeleton's experts (lqtk.streaming) get their weights when loaded
+            self.gate_up_proj.weight.data.copy_(gate_up)
+            self.down_proj.weight.data.copy_(down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -64,6 +66,14 @@ def is_fused_experts(module: nn.Module) -> bool:
     return (isinstance(gate_up, nn.Parameter) and gate_up.dim() == 3 and isinstance(down, nn.Parameter)
             and getattr(module, "is_concatenated", True) and not getattr(module, "is_transposed", False)
             and not getattr(module, "has_bias", False) and not getattr(module, "has_post_expert_norm", False))
+
+
+def expert_slices(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Where the unfused experts' weights are stored in a checkpoint of `model` with fused experts:
+    {`<experts>.<e>.<proj>.weight`: (`<experts>.<proj>`, e)} (lqtk.streaming reads them from the files this way)."""
+    return {f"{name}.{e}.{proj}.weight": (f"{name}.{proj}", e)
+            for name, module in model.named_modules() if is_fused_experts(module)
+            for e in range(module.gate_up_proj.shape[0]) for proj in ("gate_up_proj", "down_proj")}
 
 
 def unfuse_experts(model: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ from lqtk.data import TextDataModule
 from lqtk.nn import quantized_layers
 from lqtk.phases import LayerwiseCalibration
 from lqtk.quant import GPTQ
+from lqtk.streaming import materialize_all
 
 
 def calibrate(corpus, tmp_path, model="tiny-llama", **phase_args) -> LayerwiseCalibration:
@@ -22,6 +23,7 @@ def calibrate(corpus, tmp_path, model="tiny-llama", **phase_args) -> LayerwiseCa
 
 
 def quantized_tensors(phase) -> dict[str, torch.Tensor]:
+    materialize_all(phase.model)  # finished blocks live in their block files
     return {f"{name}.{key}": t for name, m in quantized_layers(phase.model).items() for key, t in m.tensors().items()}
 
 

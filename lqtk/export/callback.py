@@ -13,6 +13,7 @@ import resource
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,13 +22,14 @@ from transformers import AutoTokenizer
 
 from lqtk.disk import check_disk_space, disk_needs
 from lqtk.errors import LqtkError
-from lqtk.evaluate import EVAL_BATCH_SIZE, fp_perplexity, logits_in_chunks, perplexity
+from lqtk.evaluate import EVAL_BATCH_SIZE, fp_perplexity, perplexity, streamed_logits
 from lqtk.export.format import bits_per_weight, save_quantized
 from lqtk.export.hf_aqlm import save_hf_aqlm
 from lqtk.models import load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers
 from lqtk.phases.walk import BlockWalk
 from lqtk.quant import AQLM
+from lqtk.streaming import materialize_all, to_device
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +46,18 @@ class ExportQuantized(Callback):
         hf_aqlm: Also write `model-hf-aqlm/`, loadable by plain transformers with the `aqlm` package (AQLM only).
         hf_atol: `atol` for the HF AQLM export: aqlm's kernels sum in another order (SmolLM2's 30 blocks: 4e-4 on
             logits of magnitude ~30), while a layout error would be off by O(1).
+        max_shard_mb: Largest shard of the lqtk export in MiB: a larger model is written as shards with an index, as
+            transformers writes them (the export holds one shard and one block at a time).
     """
 
     def __init__(self, dirpath: str, overwrite: bool = False, evaluate: bool = True, verify_windows: int = 2,
-                 atol: float = 1e-4, hf_aqlm: bool = False, hf_atol: float = 1e-2):
+                 atol: float = 1e-4, hf_aqlm: bool = False, hf_atol: float = 1e-2, max_shard_mb: int = 512):
         self.dirpath = Path(dirpath)
         self.overwrite, self.evaluate, self.verify_windows = overwrite, evaluate, verify_windows
-        self.writers = {"model": (save_quantized, atol)} | ({"model-hf-aqlm": (save_hf_aqlm, hf_atol)} if hf_aqlm
-                                                            else {})
+        # folder: (writer, atol of its check, whether it reloads lazily: the HF AQLM layout loads through transformers)
+        lqtk_writer = partial(save_quantized, max_shard_bytes=max_shard_mb * 2**20)
+        self.writers = {"model": (lqtk_writer, atol, True)} | (
+            {"model-hf-aqlm": (save_hf_aqlm_loaded, hf_atol, False)} if hf_aqlm else {})
         self.fp_perplexity: float | None = None
         self.disk_checked_with_blocks = False
 
@@ -89,12 +95,13 @@ class ExportQuantized(Callback):
             self.fp_perplexity = self._on_device(fp_model, trainer, fp_perplexity, resolve_model(fp_model_path))
 
     def _on_device(self, model, trainer, evaluate, *args):
-        """Run `evaluate` on the evaluation windows with the model on the trainer's device (then back on CPU)."""
-        model.to(trainer.strategy.root_device)
+        """Run `evaluate` on the evaluation windows with the model on the trainer's device (then back on CPU); a
+        streamed model's blocks go there one at a time."""
+        to_device(model, trainer.strategy.root_device)
         try:
             return evaluate(model, *args, trainer.datamodule.evaluation_windows(), EVAL_BATCH_SIZE)
         finally:
-            model.to("cpu")
+            to_device(model, "cpu")
 
     def on_train_start(self, trainer, pl_module) -> None:
         if isinstance(pl_module, BlockWalk):  # the cached inputs and the fp part of the export, before any block
@@ -133,19 +140,20 @@ class ExportQuantized(Callback):
     def write_verified(self, model, tokenizer, root: Path, folder: str, trainer) -> torch.nn.Module:
         """Write export `folder` of `model` under `root`, reload it and check it computes what `model` computes;
         the reloaded model."""
-        write, atol = self.writers[folder]
+        write, atol, lazy = self.writers[folder]
         write(model, root / folder)
         tokenizer.save_pretrained(root / folder)
-        reloaded = load_causal_lm(root / folder)
+        reloaded = load_causal_lm(root / folder, lazy=lazy)
         self._verify(model, reloaded, trainer, folder, atol)
         return reloaded
 
     @torch.no_grad()
     def _verify(self, model, reloaded, trainer, folder: str, atol: float) -> None:
-        """The export must compute what the phase computed: compare logits on a few evaluation windows."""
+        """The export must compute what the phase computed: compare logits on a few evaluation windows (both
+        models run block by block: a streamed one never holds more than one block)."""
         windows = trainer.datamodule.evaluation_windows()[: self.verify_windows]
-        diff = max((a - b).abs().max() for (_, a), (_, b) in zip(logits_in_chunks(model, windows),
-                                                                  logits_in_chunks(reloaded, windows)))
+        diff = max((a - b).abs().max() for (_, _, a), (_, _, b) in zip(streamed_logits(model, windows),
+                                                                        streamed_logits(reloaded, windows)))
         if not diff <= atol:
             raise LqtkError(f"the written export {folder}/ does not reproduce the quantized model (max logit "
                             f"difference {diff:.3g} > {atol}); nothing was written. This is a bug in the export of "
@@ -172,3 +180,8 @@ class ExportQuantized(Callback):
                        **({"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_initialized() else {}),
                        model=str(pl_module.model_path), export=str(self.model_dir), **pl_module.phase_metrics())
         return metrics
+
+
+def save_hf_aqlm_loaded(model, out: Path) -> None:
+    """`save_hf_aqlm` of a streamed model: an AQLM model is small, so its blocks are all loaded first."""
+    save_hf_aqlm(materialize_all(model), out)

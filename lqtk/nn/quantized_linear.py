@@ -65,8 +65,12 @@ class QuantizedLinear(nn.Module):
             self._dense = (key, FORMATS[self.format].dequantize(tensors, self.spec))
         return self._dense[1]
 
+    def drop_decoded(self) -> None:
+        """Forget the decoded weight: a streamed block frees it with the block (lqtk.streaming)."""
+        self._dense = None
+
     def _apply(self, fn, recurse=True):
-        self._dense = None  # a decoded copy must not outlive a move to another device or dtype
+        self.drop_decoded()  # a decoded copy must not outlive a move to another device or dtype
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -14,12 +14,21 @@ first pass; the progress bar names the pass under way and extrapolates the time 
 With `block_tuning`, each quantized block is then fine-tuned to reproduce the fp block's outputs on the same inputs
 (AQLM's recipe) before its outputs feed the next block.
 
-Checkpoints (one per block) hold only what the walk produced: the finished blocks' quantized tensors, the next
-block's inputs and the run's identity; `ckpt_path=last` resumes after the last finished block.
+The model is streamed (lqtk.streaming): its skeleton is built on the meta device, block k's fp weights are read from
+the model's safetensors at the start of its epoch, and once quantized the block is written to
+`<run folder>/blocks/<block>.safetensors` and released, so memory holds one block and the activations, not the
+model. The evaluation and the export read the finished blocks back one at a time.
+
+Checkpoints (one per block) hold only what the walk produced: the finished blocks' layer configs (their tensors are
+in the block files), the next block's inputs and the run's identity; `ckpt_path=last` resumes after the last
+finished block.
 """
 
 import dataclasses
+import logging
+import shutil
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -27,12 +36,16 @@ import torch
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, linear_layers, load_causal_lm
 from lqtk.moe import ROUTER_LINEARS
-from lqtk.nn import QuantizedLinear, quantized_layers, quantized_linear_from_config, set_submodule
+from lqtk.nn import QuantizedLinear, quantized_layers, set_submodule
 from lqtk.phases.block_tuning import BlockTuning
 from lqtk.phases.calibration_passes import calibration_passes
 from lqtk.phases.replay import SubmoduleReplay, record_tails
 from lqtk.phases.walk import BlockWalk, StopForward
 from lqtk.quant.base import HessianAccumulator, WeightQuantizer
+from lqtk.streaming import available_memory, materialize, meta_quantized_linear, module_bytes, save_block, weight_files
+
+log = logging.getLogger(__name__)
+GIB = 2**30
 
 
 class LayerwiseCalibration(BlockWalk):
@@ -55,16 +68,20 @@ class LayerwiseCalibration(BlockWalk):
         compute_dtype: Dtype of the block forwards' matmuls (autocast); Hessians, cached activations and the
             quantization stay fp32. `bfloat16` is about 2x faster on GPUs and CPUs with bf16 units (AVX-512 BF16,
             AMX), and about 8x slower on CPUs without them (AVX2).
+        activations_on_disk: Keep the (N, T, D) block inputs and outputs in memory-mapped files in the run folder
+            (`activations/`) rather than in memory; also chosen when they do not fit in the memory left.
     """
 
     def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None,
                  block_tuning: BlockTuning | None = None, fallback_below: float = 0.005, replay: bool = True,
-                 compute_dtype: Literal["float32", "bfloat16"] = "float32"):
+                 compute_dtype: Literal["float32", "bfloat16"] = "float32", activations_on_disk: bool = False):
         super().__init__()
         self.model_path, self.quantizer, self.sequential = model, quantizer, sequential
         self.skip = tuple(ROUTER_LINEARS if skip is None else skip)
         self.block_tuning, self.fallback_below, self.replay = block_tuning, fallback_below, replay
         self.compute_dtype = getattr(torch, compute_dtype)
+        self.activations_on_disk = activations_on_disk
+        self.finished_blocks: list[int] = []  # blocks written to their block files
         self.fallbacks: list[str] = []  # the Linears quantized with the identity Hessian
         self.layer_errors: dict[str, float] = {}  # relative output error of each quantized Linear
         self.layer_history: dict[str, dict] = {}  # what iterative methods report per layer (objective per round)
@@ -73,8 +90,8 @@ class LayerwiseCalibration(BlockWalk):
     # --- set-up -------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         # Kept out of the module tree: Lightning must neither move the whole model to the device (blocks go one at
-        # a time) nor checkpoint the fp weights.
-        model = load_causal_lm(self.model_path).requires_grad_(False)  # block_tuning unfreezes what it trains
+        # a time) nor checkpoint the fp weights. Streamed: only the tensors outside the blocks are loaded here.
+        model = load_causal_lm(self.model_path, lazy=True).requires_grad_(False)  # block_tuning unfreezes its own
         self.__dict__.update(model=model, blocks=decoder_blocks(model))
         for i, block in enumerate(self.blocks):
             for name, linear in self._linears(block).items():
@@ -82,6 +99,7 @@ class LayerwiseCalibration(BlockWalk):
                     self.quantizer.check_fits(tuple(linear.weight.shape))
                 except LqtkError as err:
                     raise LqtkError(f"{self.block_prefix(i)}{name}: {err}") from err
+        self._check_memory()
         # per block, found when the walk reaches it (`_plan_block`)
         self.passes: list[list | None] = [None] * len(self.blocks)
         self.tails: list[dict | None] = [None] * len(self.blocks)
@@ -89,9 +107,43 @@ class LayerwiseCalibration(BlockWalk):
     def _linears(self, block) -> dict:
         return {name: m for name, m in linear_layers(block).items() if not name.endswith(self.skip)}
 
+    def _check_memory(self) -> None:
+        """Refuse, before any work, a model one of whose blocks does not fit in the memory left with a batch's
+        activations; put the block inputs and outputs on disk if they do not fit beside it, and drop the replay's
+        extra activations if they do not fit either."""
+        data, config = self.trainer.datamodule, self.model.config
+        values = data.num_calibration_windows * data.seq_len  # calibration positions
+        activations = 2 * values * config.hidden_size * 4  # a block's inputs and outputs, fp32
+        batch = activations * data.batch_size // data.num_calibration_windows
+        block = max(module_bytes(block) for block in self.blocks)  # fp32; meta tensors have sizes only
+        needed, left = 2 * block + batch, available_memory()  # the fp block and its decoded quantized layers
+        if needed > left:
+            raise LqtkError(f"one block of {self.model_path} ({block / GIB:.2f} GiB in fp32, twice that while it is "
+                            f"quantized) and a batch's activations ({batch / GIB:.2f} GiB) need {needed / GIB:.2f} "
+                            f"GiB, but only {left / GIB:.2f} GiB of memory is left: free memory, or use a smaller "
+                            "data.batch_size or data.seq_len")
+        if not self.activations_on_disk and needed + activations > left:
+            log.warning("block inputs and outputs on disk: their %.2f GiB do not fit in the %.2f GiB of memory left",
+                        activations / GIB, left / GIB)
+            self.activations_on_disk = True
+        if self.activations_on_disk:
+            self.activations_dir = Path(self.trainer.default_root_dir) / "activations"
+        else:
+            needed += activations
+        intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
+        replayed = values * (2 * config.hidden_size + intermediate) * 4
+        if self.replay and needed + replayed > left:
+            log.warning("replay off: its %.2f GiB of activations do not fit in the %.2f GiB of memory left",
+                        replayed / GIB, left / GIB)
+            self.replay = False
+
+    def block_file(self, index: int) -> Path:
+        return Path(self.trainer.default_root_dir) / "blocks" / f"{self.block_prefix(index)}safetensors"
+
     # --- the walk -----------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()
+        materialize(self.model, self.current_epoch)
         self.block.to(self.device)
         self.hessians: dict[str, HessianAccumulator] = {}  # of the groups being calibrated, by first Linear
         if self.block_tuning is not None:
@@ -145,6 +197,8 @@ class LayerwiseCalibration(BlockWalk):
         self.inputs = self.block_outputs(self.block)
         self.replayed.close()
         self.block.to("cpu")
+        save_block(self.model, self.current_epoch, self.block_file(self.current_epoch))
+        self.finished_blocks.append(self.current_epoch)
         self.quantize_time_s += time.perf_counter() - self.epoch_start
 
     def _calibrate(self, batch_index: int, groups: list[list[str]]) -> None:
@@ -215,6 +269,12 @@ class LayerwiseCalibration(BlockWalk):
                 if not child:
                     self.replayed.finish(name.split(".")[0])
 
+    def on_fit_end(self) -> None:
+        """The walk is over (and ExportQuantized, which runs first, has exported): the memory-mapped activations are
+        not needed. The block files stay: they hold the finished model's blocks (`self.model` reads them)."""
+        if self.activations_dir is not None:
+            shutil.rmtree(self.activations_dir, ignore_errors=True)
+
     # --- checkpoints --------------------------------------------------------------------------------------
     def identity(self) -> dict:
         quantizer = {"class": type(self.quantizer).__qualname__, **dataclasses.asdict(self.quantizer)}
@@ -225,17 +285,23 @@ class LayerwiseCalibration(BlockWalk):
                 "data": dict(self.trainer.datamodule.hparams)}
 
     def walk_state(self) -> dict:
-        layers = quantized_layers(self.model)
-        return {"layers": {name: (m.layer_config(), m.tensors(), m.bias) for name, m in layers.items()},
-                **self.phase_metrics()}
+        layers = {name: m.layer_config() for name, m in quantized_layers(self.model).items()}
+        return {"layers": layers, "finished_blocks": self.finished_blocks, **self.phase_metrics()}
 
     def phase_metrics(self) -> dict:
         return {"layer_errors": self.layer_errors, "layer_history": self.layer_history,
                 "block_tuning": self.tuning_results, "fallback_layers": self.fallbacks}
 
     def restore_walk_state(self, state: dict) -> None:
-        for name, (config, tensors, bias) in state["layers"].items():
-            set_submodule(self.model, name, quantized_linear_from_config(config, tensors, bias))
+        files = weight_files(self.model)
+        for index in state["finished_blocks"]:
+            if not self.block_file(index).is_file():
+                raise LqtkError(f"{self.block_file(index)}, written with the checkpoint, is missing: start afresh "
+                                "without --ckpt_path")
+            files.add(self.block_file(index))
+        for name, config in state["layers"].items():
+            set_submodule(self.model, name, meta_quantized_linear(files, name, config))
+        self.finished_blocks = state["finished_blocks"]
         self.layer_errors = state["layer_errors"]
         self.layer_history = state["layer_history"]
         self.tuning_results = state["block_tuning"]

@@ -9,6 +9,7 @@ and refuses a checkpoint of another run.
 
 import functools
 import time
+from pathlib import Path
 
 import torch
 from lightning import LightningModule
@@ -17,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lqtk.errors import LqtkError
 from lqtk.models import block_output
 from lqtk.phases.block_tuning import BlockTuning, tune_block
+from lqtk.streaming import activation_buffer, to_device
 
 
 class StopForward(Exception):
@@ -33,6 +35,7 @@ class BlockWalk(LightningModule):
         # resume; instead `identity()` is checkpointed and a mismatch is refused.
         self.automatic_optimization = False
         self.inputs: torch.Tensor | None = None  # (N, T, D) inputs of the current block, on the CPU
+        self.activations_dir: Path | None = None  # if set, block inputs and outputs are memory-mapped files there
         self.batch_index = 0  # the calibration batch being run (set by `batch`)
         self.compute_dtype = torch.float32  # of the block forwards (`autocast`)
         self.quantize_time_s = 0.0  # time spent in the phase's own work (not loading, evaluating or exporting)
@@ -51,6 +54,8 @@ class BlockWalk(LightningModule):
         inputs, self.block_kwargs = self.capture_block_inputs(batches)
         if self.inputs is None:  # a fresh run; a resumed one has the next block's inputs from its checkpoint
             self.inputs = inputs
+        if self.activations_dir is not None:
+            self.inputs = self.activation_buffer(self.inputs.shape).copy_(self.inputs)
         self.quantize_time_s += time.perf_counter() - start
 
     @torch.no_grad()
@@ -74,7 +79,7 @@ class BlockWalk(LightningModule):
         for index, block in enumerate(self.blocks):
             block.forward = functools.partial(record, index)  # an instance attribute shadows the class's forward
         try:
-            self.model.to(self.device)  # only the embedding runs; moved back below
+            to_device(self.model, self.device)  # only the embedding runs (a streamed model's blocks are not loaded)
             for batch in batches:
                 try:
                     self.model(batch.to(self.device), use_cache=False)
@@ -83,7 +88,7 @@ class BlockWalk(LightningModule):
         finally:
             for block in self.blocks:
                 del block.forward
-            self.model.to("cpu")
+            to_device(self.model, "cpu")
         return torch.cat(hidden), kwargs
 
     @property
@@ -110,12 +115,16 @@ class BlockWalk(LightningModule):
     @torch.no_grad()
     def block_outputs(self, block: torch.nn.Module) -> torch.Tensor:
         """`block` applied to every cached input batch: (N, T, D) on the CPU."""
-        outputs = torch.empty_like(self.inputs)
+        outputs = self.activation_buffer(self.inputs.shape)
         for index in range(len(self.block_kwargs)):
             rows, hidden, kwargs = self.batch(index)
             with self.autocast():
                 outputs[rows] = block_output(block(hidden, **kwargs)).cpu()
         return outputs
+
+    def activation_buffer(self, shape) -> torch.Tensor:
+        """(N, T, D) in memory, or memory-mapped in `activations_dir` (a new file each time: see activation_buffer)."""
+        return activation_buffer(shape, None if self.activations_dir is None else self.activations_dir / "block.f32")
 
     def tune_current_block(self, targets: torch.Tensor, tuning: BlockTuning) -> None:
         """Fine-tune the current block towards `targets` (N, T, D) on the cached inputs; its held-out errors go to
