@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lqtk.errors import LqtkError
-from lqtk.moe import expert_slices, unfuse_experts
+from lqtk.moe import expert_weight_sources, unfuse_experts
 from lqtk.quant.base import check_finite
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32, lazy: 
 
             skeleton = empty_model(config, dtype)
             files = WeightFiles(path)
-            files.add_slices(expert_slices(skeleton))  # each expert's Linears read from the fused weights
+            files.add_views(expert_weight_sources(skeleton, set(files.files)))  # each expert's own Linears
             files.check_finite()
             return open_streamed(unfuse_experts(skeleton), files, lazy=True, strict=False)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -68,12 +68,23 @@ def is_fused_experts(module: nn.Module) -> bool:
             and not getattr(module, "has_bias", False) and not getattr(module, "has_post_expert_norm", False))
 
 
-def expert_slices(model: nn.Module) -> dict[str, tuple[str, int]]:
-    """Where the unfused experts' weights are stored in a checkpoint of `model` with fused experts:
-    {`<experts>.<e>.<proj>.weight`: (`<experts>.<proj>`, e)} (lqtk.streaming reads them from the files this way)."""
-    return {f"{name}.{e}.{proj}.weight": (f"{name}.{proj}", e)
-            for name, module in model.named_modules() if is_fused_experts(module)
-            for e in range(module.gate_up_proj.shape[0]) for proj in ("gate_up_proj", "down_proj")}
+def expert_weight_sources(model: nn.Module, stored: set[str]) -> dict[str, list[tuple[str, int | None]]]:
+    """Where each unfused expert Linear's weight of `model` (fused experts) is in a checkpoint holding the tensors
+    `stored`: a row of the fused 3D weights, or the per-expert `gate_proj`, `up_proj` and `down_proj` of the hub
+    layout (which transformers fuses when it loads). {weight name: [(stored name, row or None), ...]}, joined along
+    dim 0 (lqtk.streaming reads the experts block by block this way)."""
+    sources = {}
+    for name, module in model.named_modules():
+        if not is_fused_experts(module):
+            continue
+        for e in range(module.gate_up_proj.shape[0]):
+            fused = f"{name}.gate_up_proj" in stored
+            sources[f"{name}.{e}.gate_up_proj.weight"] = ([(f"{name}.gate_up_proj", e)] if fused else
+                                                          [(f"{name}.{e}.{proj}.weight", None)
+                                                           for proj in ("gate_proj", "up_proj")])
+            sources[f"{name}.{e}.down_proj.weight"] = [(f"{name}.down_proj", e) if fused else
+                                                       (f"{name}.{e}.down_proj.weight", None)]
+    return sources
 
 
 def unfuse_experts(model: nn.Module) -> nn.Module:

@@ -58,7 +58,7 @@ class WeightFiles:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.files: dict[str, Path] = {}
-        self.slices: dict[str, tuple[str, int]] = {}  # name -> (the tensor stored, its row holding this one)
+        self.views: dict[str, list[tuple[str, int | None]]] = {}  # name -> the stored tensors (or rows) it joins
         index = self.folder / INDEX_NAME
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -77,11 +77,15 @@ class WeightFiles:
         with safe_open(file, "pt") as f:
             self.files.update(dict.fromkeys(f.keys(), Path(file)))
 
-    def add_slices(self, slices: dict[str, tuple[str, int]]) -> None:
-        """Tensors stored as rows of a larger one: {name: (stored name, row)} (MoE experts fused in 3D weights, read
-        as one Linear per expert)."""
-        self.slices.update(slices)
-        self.files.update({name: self.files[stored] for name, (stored, _) in slices.items()})
+    def add_views(self, views: dict[str, list[tuple[str, int | None]]]) -> None:
+        """Tensors stored otherwise: {name: [(stored name, row or None), ...]}, the parts joined along dim 0 (MoE
+        experts read as one Linear each from fused 3D weights, or from separate gate and up projections)."""
+        missing = sorted({stored for parts in views.values() for stored, _ in parts} - self.files.keys())
+        if missing:
+            raise LqtkError(f"{self.folder} stores its MoE experts in a layout lqtk cannot read block by block (no "
+                            f"{missing[0]}): convert the checkpoint to transformers' fused or gate/up/down layout")
+        self.views.update(views)
+        self.files.update({name: self.files[parts[0][0]] for name, parts in views.items()})
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors, copied out of the file mapping one at a time: a tensor that views the mapping keeps the
@@ -89,10 +93,11 @@ class WeightFiles:
         its quantized Linears' fp weights in memory)."""
         tensors = {}
         for name in names:
-            stored, row = self.slices.get(name, (name, None))
-            with safe_open(self.files[name], "pt") as f:
-                tensor = f.get_tensor(stored) if row is None else f.get_slice(stored)[row:row + 1][0]
-                tensors[name] = tensor.clone()
+            parts = []
+            for stored, row in self.views.get(name, [(name, None)]):
+                with safe_open(self.files[stored], "pt") as f:
+                    parts.append(f.get_tensor(stored) if row is None else f.get_slice(stored)[row:row + 1][0])
+            tensors[name] = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
         return tensors
 
     def meta(self, name: str) -> torch.Tensor:
