@@ -1,7 +1,7 @@
 """Disk a block-by-block run leaves in its folder, and the check that refuses a run whose filesystem lacks it.
 
-What stays on disk: `checkpoints/last.ckpt` (the next block's cached inputs (N, T, D) and every finished block's
-result), and each export folder (the model's tensors: the blocks as quantized, the rest as loaded). Both are
+What stays on disk: `checkpoints/last.ckpt` (the next block's cached inputs (N, T, D)) and `blocks/` (every finished
+block's result), and each export folder (the model's tensors: the blocks as quantized, the rest as loaded). Both are
 estimated from the blocks finished so far, every block counted at their mean size: the dry run calls this after
 block 0, a real run before the walk (blocks not counted yet: a lower bound) and again at its first checkpoint,
 before the checkpoint is written.
@@ -17,7 +17,8 @@ from lqtk.errors import LqtkError
 
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of the module's parameters and buffers, a tensor shared under two names (tied embeddings) once."""
-    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in module.state_dict().values()}
+    sizes = {id(t) if t.is_meta else t.data_ptr(): t.numel() * t.element_size()  # a streamed block is on meta
+             for t in module.state_dict(keep_vars=True).values()}
     return sum(sizes.values())
 
 

@@ -3,7 +3,8 @@
 `DryRun` takes the place of the export callback. The phase runs as it would (model loaded, calibration inputs
 captured, block 0 calibrated, quantized and checkpointed) and stops after block 0; the evaluations are timed on two
 batches instead of all of them, and the export is written, reloaded and verified in a temporary folder on a stand-in
-of the finished model: every block given a copy of block 0's result, so it has the finished model's size and speed.
+of the finished model: the model as block 0 left it (block 0 quantized, the others fp, all streamed block by block),
+which overstates the export's write time a little and takes the export's size from block 0's (`disk_needs`).
 The whole run is then extrapolated:
 
     quantize_time_s = capture + blocks × block 0's own work          (the phase's quantize_time_s, as metrics.json)
@@ -15,7 +16,6 @@ The whole run is then extrapolated:
 Nothing is written into the run folder: no config.yaml, checkpoint, export or metrics.json.
 """
 
-import copy
 import json
 import resource
 import statistics
@@ -32,8 +32,8 @@ from lqtk.errors import LqtkError
 from lqtk.evaluate import EVAL_BATCH_SIZE, fp_perplexity_cache_file, perplexity
 from lqtk.export import ExportQuantized
 from lqtk.models import resolve_model
-from lqtk.nn import quantized_layers, set_submodule
 from lqtk.phases.walk import BlockWalk
+from lqtk.streaming import to_device
 
 
 class DryRun(Callback):
@@ -83,7 +83,6 @@ class DryRun(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         model = pl_module.exported_model()
-        copy_first_block_result(pl_module.blocks)
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(pl_module.model_path))
         root, export_s = Path(self.workdir.name) / "export", 0.0
         for folder in self.export.writers:
@@ -133,14 +132,14 @@ def evaluation_time(model: torch.nn.Module, trainer, windows: torch.Tensor, time
     `timed_batches` more for each batch after it."""
     batches = windows.split(EVAL_BATCH_SIZE)
     start = time.perf_counter()
-    model.to(trainer.strategy.root_device)
+    to_device(model, trainer.strategy.root_device)
     try:
         perplexity(model, batches[0], EVAL_BATCH_SIZE)
         first = time.perf_counter() - start
         seconds = [timed(perplexity, model, batch, EVAL_BATCH_SIZE) for batch in batches[1 : 1 + timed_batches]]
     finally:
         start = time.perf_counter()
-        model.to("cpu")
+        to_device(model, "cpu")
     first += time.perf_counter() - start
     return first + (len(batches) - 1) * (statistics.median(seconds) if seconds else 0.0)
 
@@ -149,16 +148,6 @@ def timed(function, *args) -> float:
     start = time.perf_counter()
     function(*args)
     return time.perf_counter() - start
-
-
-def copy_first_block_result(blocks: torch.nn.ModuleList) -> None:
-    """Put a copy of each of block 0's quantized layers in every later block that still has a plain Linear of that
-    name and shape (a block-by-block calibration stopped after block 0): the stand-in of the finished model."""
-    for name, layer in quantized_layers(blocks[0]).items():
-        for block in blocks[1:]:
-            current = block.get_submodule(name)
-            if isinstance(current, torch.nn.Linear) and current.weight.shape == (layer.out_features, layer.in_features):
-                set_submodule(block, name, copy.deepcopy(layer))
 
 
 def peak_rss_bytes() -> int:

@@ -46,7 +46,7 @@ def estimate_and_actual(recipe: Path, root: Path, fresh: bool) -> tuple[dict, di
     exports = [folder for folder in run_dir.iterdir() if folder.name.startswith("model")]
     actual = {key: metrics[key] for key in ("quantize_time_s", "wall_time_s", "peak_rss_bytes", "peak_gpu_bytes")
               if key in metrics}
-    actual |= {"checkpoint_bytes": folder_bytes(run_dir / "checkpoints"),
+    actual |= {"checkpoint_bytes": folder_bytes(run_dir / "checkpoints") + folder_bytes(run_dir / "blocks"),
                "export_bytes": sum(folder_bytes(folder) for folder in exports)}
     return result, result["estimate"], actual
 

@@ -138,7 +138,10 @@ class LayerwiseCalibration(BlockWalk):
             self.replay = False
 
     def block_file(self, index: int) -> Path:
-        return Path(self.trainer.default_root_dir) / "blocks" / f"{self.block_prefix(index)}safetensors"
+        """Where finished block `index` is kept: `blocks/` beside the checkpoints, whose state it completes (a dry
+        run moves both to a temporary folder)."""
+        folder = Path(self.trainer.checkpoint_callback.dirpath).parent / "blocks"
+        return folder / f"{self.block_prefix(index)}safetensors"
 
     # --- the walk -----------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
