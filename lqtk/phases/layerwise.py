@@ -37,7 +37,16 @@ from lqtk.phases.block_tuning import BlockTuning
 from lqtk.phases.replay import SubmoduleReplay, record_tails
 from lqtk.phases.walk import BlockWalk, StopForward
 from lqtk.quant.base import HessianAccumulator, WeightQuantizer
-from lqtk.streaming import available_memory, materialize, meta_quantized_linear, module_bytes, save_block, weight_files
+from lqtk.streaming import (
+    available_memory,
+    load_outside_blocks,
+    materialize,
+    meta_quantized_linear,
+    module_bytes,
+    release_outside_blocks,
+    save_block,
+    weight_files,
+)
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -154,6 +163,14 @@ class LayerwiseCalibration(BlockWalk):
         return Path(self.trainer.default_root_dir) / "blocks" / f"{self.block_prefix(index)}safetensors"
 
     # --- the walk -----------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()  # the block inputs are captured: until the export only blocks run
+        release_outside_blocks(self.model)
+
+    def exported_model(self) -> torch.nn.Module:
+        load_outside_blocks(self.model)
+        return self.model
+
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()
         materialize(self.model, self.current_epoch)
