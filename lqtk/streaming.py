@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-SHARD_BYTES = 512 * 2**20  # shard size limit of the export: at most this much of the export is held for writing
+SHARD_BYTES = 128 * 2**20  # shard size limit of the export: at most this much of the export is held for writing
 # glibc serves allocations below its mmap threshold from the heap and keeps freed heap memory for reuse; it raises
 # that threshold up to 32 MiB as large tensors are freed, so a block's weights and activations end up in a heap that
 # only grows. A fixed threshold gives tensors of a MiB and more their own mappings, unmapped when freed;
@@ -108,10 +108,11 @@ class WeightFiles:
 
     def check_finite(self) -> None:
         """Refuse NaN/Inf weights before any work, reading one tensor at a time."""
-        for name in self.files:
-            tensor = self.read([name])[name]
-            if tensor.is_floating_point():
-                check_finite(tensor, f"{self.folder}: tensor {name}")
+        for name, file in self.files.items():
+            with safe_open(file, "pt") as f:  # checked in the mapping: no copy
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point():
+                    check_finite(tensor, f"{self.folder}: tensor {name}")
 
 
 def meta_quantized_linear(files: WeightFiles, name: str, config: dict) -> QuantizedLinear:
@@ -136,10 +137,8 @@ def open_streamed(model: PreTrainedModel, files: WeightFiles, lazy: bool, strict
     `strict`: every tensor of the files must belong to the model (an export; fp folders may hold extra ones)."""
     model.lqtk_weight_files = files
     map_large_allocations()
-    blocks_prefix = _blocks_prefix(model)
     expected = set(model.state_dict())
-    tied = {target: source for target, source in getattr(model, "all_tied_weights_keys", {}).items()
-            if target in expected and source in expected}
+    tied = {target: source for target, source in _tied(model).items() if target in expected and source in expected}
     for target, source in tied.items():  # a tied pair is stored once, under either name
         if source not in files.files and target in files.files:
             files.files[source] = files.files[target]
@@ -148,10 +147,31 @@ def open_streamed(model: PreTrainedModel, files: WeightFiles, lazy: bool, strict
     if missing or unexpected:
         raise LqtkError(f"the weights in {files.folder} do not match its config (missing {missing[:5]}, unexpected "
                         f"{unexpected[:5]}): the folder is corrupt; re-create it")
-    outside = {name for name in expected - tied.keys() if not name.startswith(blocks_prefix)}
-    _load(model, files, sorted(outside), "")
-    model.tie_weights()
+    load_outside_blocks(model)
     return model.eval() if lazy else materialize_all(model).eval()
+
+
+def _tied(model: nn.Module) -> dict[str, str]:
+    """{tied name: the name it is tied to} (lm_head.weight: model.embed_tokens.weight)."""
+    return getattr(model, "all_tied_weights_keys", None) or {}
+
+
+def load_outside_blocks(model: nn.Module) -> None:
+    """Load what is on the meta device outside the blocks (embeddings, final norm, head), tied tensors tied."""
+    blocks_prefix, tied = _blocks_prefix(model), _tied(model)
+    names = [name for name, t in model.state_dict(keep_vars=True).items()
+             if t.is_meta and name not in tied and not name.startswith(blocks_prefix)]
+    if names:
+        _load(model, weight_files(model), names, "")
+        model.tie_weights()
+
+
+def release_outside_blocks(model: nn.Module) -> None:
+    """Put the tensors outside the blocks back on the meta device, while only blocks run (the walk)."""
+    blocks_prefix = _blocks_prefix(model)
+    model.load_state_dict({name: t.to("meta") for name, t in model.state_dict().items()
+                           if not name.startswith(blocks_prefix)}, assign=True, strict=False)
+    return_freed_memory()
 
 
 def _blocks_prefix(model: nn.Module) -> str:

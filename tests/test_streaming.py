@@ -45,8 +45,9 @@ def test_calibration_peak_memory_grows_with_one_block_not_the_model(streamed_run
     peak = {blocks: json.loads((run_dir / "metrics.json").read_text())["peak_rss_bytes"]
             for blocks, (_, run_dir) in streamed_runs.items()}
     model_bytes = sum(f.stat().st_size for f in streamed_runs[DEEP][0].glob("*.safetensors"))
-    # Holding the whole fp model (as before streaming) adds at least the 11 other blocks (150 MB; measured: 650 MB)
-    assert peak[DEEP] < peak[1] + model_bytes / 2, (peak, model_bytes)
+    # Holding the whole fp model (as before streaming) adds at least the 11 other blocks (150 MB; measured: 650 MB);
+    # streamed, the 12-block run peaked 20-55 MB above the 1-block one (heap noise, more small quantized tensors)
+    assert peak[DEEP] < peak[1] + 0.75 * model_bytes, (peak, model_bytes)
 
 
 def test_sharded_export_reloads_with_the_quantized_weights_of_each_layer(streamed_runs):

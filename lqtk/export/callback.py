@@ -51,7 +51,7 @@ class ExportQuantized(Callback):
     """
 
     def __init__(self, dirpath: str, overwrite: bool = False, evaluate: bool = True, verify_windows: int = 2,
-                 atol: float = 1e-4, hf_aqlm: bool = False, hf_atol: float = 1e-2, max_shard_mb: int = 512):
+                 atol: float = 1e-4, hf_aqlm: bool = False, hf_atol: float = 1e-2, max_shard_mb: int = 128):
         self.dirpath = Path(dirpath)
         self.overwrite, self.evaluate, self.verify_windows = overwrite, evaluate, verify_windows
         # folder: (writer, atol of its check, whether it reloads lazily: the HF AQLM layout loads through transformers)

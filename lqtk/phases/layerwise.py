@@ -42,7 +42,16 @@ from lqtk.phases.calibration_passes import calibration_passes
 from lqtk.phases.replay import SubmoduleReplay, record_tails
 from lqtk.phases.walk import BlockWalk, StopForward
 from lqtk.quant.base import HessianAccumulator, WeightQuantizer
-from lqtk.streaming import available_memory, materialize, meta_quantized_linear, module_bytes, save_block, weight_files
+from lqtk.streaming import (
+    available_memory,
+    load_outside_blocks,
+    materialize,
+    meta_quantized_linear,
+    module_bytes,
+    release_outside_blocks,
+    save_block,
+    weight_files,
+)
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -144,6 +153,14 @@ class LayerwiseCalibration(BlockWalk):
         return folder / f"{self.block_prefix(index)}safetensors"
 
     # --- the walk -----------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()  # the block inputs are captured: until the export only blocks run
+        release_outside_blocks(self.model)
+
+    def exported_model(self) -> torch.nn.Module:
+        load_outside_blocks(self.model)
+        return self.model
+
     def on_train_epoch_start(self) -> None:
         self.epoch_start = time.perf_counter()
         materialize(self.model, self.current_epoch)
