@@ -115,9 +115,11 @@ class WeightFiles:
                     check_finite(tensor, f"{self.folder}: tensor {name}")
 
 
-def meta_quantized_linear(files: WeightFiles, name: str, config: dict) -> QuantizedLinear:
-    """The QuantizedLinear `name` (its `layer_config()`), its tensors on the meta device until its block loads."""
-    tensors = {key[len(name) + 1 :]: files.meta(key) for key in files.files if key.startswith(name + ".")}
+def meta_quantized_linear(files: WeightFiles, name: str, config: dict, source: Path | None = None) -> QuantizedLinear:
+    """The QuantizedLinear `name` (its `layer_config()`), its tensors on the meta device until its block loads; with
+    `source`, only the tensors of that file (a block file: the fp model's `name.weight` is not one of them)."""
+    tensors = {key[len(name) + 1 :]: files.meta(key) for key, file in files.files.items()
+               if key.startswith(name + ".") and source in (None, file)}
     bias = tensors.pop("bias", None)
     return quantized_linear_from_config(config, tensors, bias)
 

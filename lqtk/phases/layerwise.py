@@ -319,8 +319,10 @@ class LayerwiseCalibration(BlockWalk):
                 raise LqtkError(f"{self.block_file(index)}, written with the checkpoint, is missing: start afresh "
                                 "without --ckpt_path")
             files.add(self.block_file(index))
+        blocks = {self.block_prefix(index): self.block_file(index) for index in state["finished_blocks"]}
         for name, config in state["layers"].items():
-            set_submodule(self.model, name, meta_quantized_linear(files, name, config))
+            source = next(file for prefix, file in blocks.items() if name.startswith(prefix))
+            set_submodule(self.model, name, meta_quantized_linear(files, name, config, source))
         self.finished_blocks = state["finished_blocks"]
         self.layer_errors = state["layer_errors"]
         self.layer_history = state["layer_history"]
