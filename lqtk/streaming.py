@@ -109,6 +109,8 @@ class WeightFiles:
     def check_finite(self) -> None:
         """Refuse NaN/Inf weights before any work, reading one tensor at a time."""
         for name, file in self.files.items():
+            if name in self.views:  # made of stored tensors, which are checked themselves
+                continue
             with safe_open(file, "pt") as f:  # checked in the mapping: no copy
                 tensor = f.get_tensor(name)
                 if tensor.is_floating_point():
