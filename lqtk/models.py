@@ -82,8 +82,8 @@ def tiny_config(architecture: str, tokenizer, **config) -> PretrainedConfig:
     import transformers
 
     config_type, settings = TINY_ARCHITECTURES[architecture]
-    return getattr(transformers, config_type)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                              eos_token_id=tokenizer.eos_token_id, **(_TINY | settings | config))
+    tokens = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return getattr(transformers, config_type)(**(tokens | _TINY | settings | config))
 
 
 def build_tiny_model(out: Path, architecture: str = "llama", **config) -> None:
