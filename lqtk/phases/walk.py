@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lqtk.errors import LqtkError
 from lqtk.models import block_output
 from lqtk.phases.block_tuning import BlockTuning, tune_block
-from lqtk.streaming import activation_buffer, to_device
+from lqtk.streaming import activation_buffer, block_prefix, to_device
 
 
 class StopForward(Exception):
@@ -97,8 +97,7 @@ class BlockWalk(LightningModule):
 
     def block_prefix(self, index: int) -> str:
         """Module path of block `index` with a trailing dot (`model.layers.3.`)."""
-        names = {id(m): n for n, m in self.model.named_modules()}
-        return f"{names[id(self.blocks)]}.{index}."
+        return block_prefix(self.model, index)
 
     def batch(self, index: int) -> tuple[slice, torch.Tensor, dict]:
         """Rows, cached inputs (on the device) and block keyword arguments of calibration batch `index`."""
