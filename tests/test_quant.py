@@ -45,6 +45,29 @@ def test_hessian_accumulator_is_the_running_mean_of_the_full_product(features):
     assert torch.equal(h, h.T)
 
 
+@pytest.mark.parametrize("shares", [[7], [3, 4], [1, 5, 1], [2, 2, 2, 1], [6, 1]])
+def test_hessian_of_contiguous_shares_merged_is_bit_for_bit_the_whole(shares):
+    """What processes that each take a contiguous share of the batches merge is exactly one process's H, in any
+    merge order (the pairwise sums are fixed by the batch indices)."""
+    batches = [torch.randn(37, 50) * (i + 1) for i in range(sum(shares))]
+    whole = HessianAccumulator(50)
+    for index, x in enumerate(batches):
+        whole.add(x, index)
+    parts, start = [], 0
+    for size in shares:
+        part = HessianAccumulator(50)
+        for index in range(start, start + size):
+            part.add(batches[index], index)
+        parts.append(part.partial())
+        start += size
+    for order in (parts, parts[::-1]):
+        merged = HessianAccumulator(50)
+        for nodes, count in order:
+            merged.merge({key: t.clone() for key, t in nodes.items()}, count)
+        assert merged.count == whole.count
+        assert torch.equal(merged.hessian(), whole.hessian())
+
+
 def test_minmax_grid_is_exact_on_grid_values():
     scale = torch.tensor([[0.5], [0.25]])
     codes = torch.randint(0, 16, (2, 40))

@@ -93,28 +93,66 @@ class WeightQuantizer:
 
 
 class HessianAccumulator:
-    """Running mean H = 2/n · Σ xxᵀ of a layer's inputs x (the mean, not the sum, keeps H's scale independent of the
-    number of calibration tokens). H is symmetric, so only its upper triangle is accumulated, in row panels (about
-    40% fewer FLOPs than xᵀx); `hessian()` mirrors it."""
+    """H = 2/n · Σ xxᵀ over a layer's n calibration inputs x (the mean, not the sum, keeps H's scale independent of
+    the number of tokens), summed pairwise over the calibration batches by their index in the whole calibration
+    set: node (level, k) holds the sum over batches [k·2^level, (k+1)·2^level), and two sibling nodes are added,
+    left + right, as soon as both exist. Every node's value is then fixed by the batches alone, not by which
+    process summed which batches or in what order nodes arrive, so processes that each sum a contiguous share of
+    the batches and `merge` their nodes get bit for bit the H of one process (and pairwise sums are more accurate
+    than running ones). Holds about log2(batches) + 1 (features × features) nodes. H is symmetric, so only its
+    upper triangle is accumulated, in row panels (about 40% fewer FLOPs than xᵀx); `hessian()` mirrors it."""
 
     panels = 8
 
     def __init__(self, features: int, device: torch.device | str | None = None):
-        self.upper = torch.zeros(features, features, device=device)
+        self.features, self.device = features, device
+        self.nodes: dict[tuple[int, int], torch.Tensor] = {}  # (level, k) -> Σ over its batches (upper triangle)
+        self.leaf: tuple[int, torch.Tensor] | None = None  # the batch being added to: (index, Σ so far)
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs x (..., features)."""
-        x = x.reshape(-1, x.shape[-1]).to(self.upper.dtype)
-        n = x.shape[0]
-        self.upper.mul_(self.count / (self.count + n))
-        width = -(-x.shape[1] // self.panels)
+    def add(self, x: torch.Tensor, batch: int = 0) -> None:
+        """Add inputs x (..., features) of calibration batch `batch` (its index among all calibration batches; a
+        batch may come in several parts, e.g. an MoE expert's tokens)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.leaf is not None and self.leaf[0] != batch:
+            self._insert(0, *self.leaf)
+            self.leaf = None
+        if self.leaf is None:
+            self.leaf = (batch, torch.zeros(self.features, self.features, device=self.device))
+        upper, width = self.leaf[1], -(-x.shape[1] // self.panels)
         for i in range(0, x.shape[1], width):
-            self.upper[i:i + width, i:].addmm_(x[:, i:i + width].T, x[:, i:], alpha=2 / (self.count + n))
-        self.count += n
+            upper[i:i + width, i:].addmm_(x[:, i:i + width].T, x[:, i:], alpha=2)
+        self.count += x.shape[0]
+
+    def _insert(self, level: int, k: int, total: torch.Tensor) -> None:
+        while (level, k ^ 1) in self.nodes:
+            sibling = self.nodes.pop((level, k ^ 1))
+            total = sibling.add_(total) if k & 1 else total.add_(sibling)  # always left + right
+            level, k = level + 1, k >> 1
+        self.nodes[(level, k)] = total
+
+    def partial(self) -> tuple[dict[tuple[int, int], torch.Tensor], int]:
+        """This accumulator's nodes and count, to be `merge`d into another's (another process's)."""
+        if self.leaf is not None:
+            self._insert(0, *self.leaf)
+            self.leaf = None
+        return self.nodes, self.count
+
+    def merge(self, nodes: dict[tuple[int, int], torch.Tensor], count: int) -> None:
+        """Add another accumulator's `partial()` (of other batches)."""
+        self.partial()
+        for (level, k), total in nodes.items():
+            self._insert(level, k, total.to(self.device))
+        self.count += count
 
     def hessian(self) -> torch.Tensor:
-        return self.upper.triu() + self.upper.triu(1).T
+        """H from the nodes, added in batch order; (features × features) zeros when nothing was added."""
+        nodes, _ = self.partial()
+        upper = torch.zeros(self.features, self.features, device=self.device)
+        for level, k in sorted(nodes, key=lambda key: key[1] << key[0]):
+            upper.add_(nodes[(level, k)])
+        upper = upper.triu().div_(max(self.count, 1))
+        return upper + upper.triu(1).T
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:
