@@ -25,6 +25,7 @@ from lqtk.errors import LqtkError
 from lqtk.evaluate import EVAL_BATCH_SIZE, perplexity
 from lqtk.export import ExportQuantized, bits_per_weight
 from lqtk.models import REFERENCE_MODELS, load_causal_lm, prepare_model, resolve_model
+from lqtk.phases.processes import BlockWalkStrategy
 
 
 class LqtkCLI(LightningCLI):
@@ -41,6 +42,17 @@ class LqtkCLI(LightningCLI):
                             "whole run's time, peak memory and disk; nothing is written into the run folder.")
         parser.add_argument("--dry_run_output", type=str | None, default=None,
                             help="With --dry_run: also write the estimates and measurements to this JSON file.")
+        # lqtk's data module deals the windows out to the processes itself (process_batches, GlobalBatches)
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
+
+    def before_instantiate_classes(self) -> None:
+        """Several processes for LayerwiseCalibration: Lightning's auto choice, DDP, would wrap the phase in
+        DistributedDataParallel, which a walk without gradients cannot have; it gets `block_walk` instead."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer, phase = config.trainer, config.model.class_path
+        several = trainer.num_nodes > 1 or str(trainer.devices) not in ("1", "[0]")
+        if trainer.strategy == "auto" and phase.endswith(".LayerwiseCalibration") and several:
+            trainer.strategy = BlockWalkStrategy.strategy_name
 
     def instantiate_trainer(self, **kwargs):
         if not self._get(self.config_init, "dry_run"):

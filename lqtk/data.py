@@ -91,6 +91,15 @@ def calibration_windows(tokens: torch.Tensor, count: int, seq_len: int, seed: in
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
 
 
+def process_batches(num_batches: int, rank: int, world_size: int) -> range:
+    """The calibration batches process `rank` of `world_size` takes in layerwise calibration: a contiguous share,
+    as even as the count allows, so that the batches are the same windows on any number of processes."""
+    if num_batches < world_size:
+        raise LqtkError(f"{num_batches} calibration batches cannot be shared by {world_size} processes: raise "
+                        "data.num_calibration_windows, lower data.batch_size, or use fewer processes")
+    return range(rank * num_batches // world_size, (rank + 1) * num_batches // world_size)
+
+
 class GlobalBatches(Sampler[list[int]]):
     """The batches of a data-parallel training run, the same on any number of processes.
 
@@ -141,7 +150,8 @@ class TextDataModule(LightningDataModule):
         bos: Start every window with the BOS token (then seq_len - 1 text tokens follow).
         global_batch_size: Training phases: windows per optimizer step over all processes; the calibration windows
             are then shuffled each epoch and dealt out to the processes (`GlobalBatches`), so the same global batches
-            reach the optimizer on any number of processes. Null: the calibration windows in order.
+            reach the optimizer on any number of processes. Null: the calibration windows in order, in batches of
+            `batch_size`, each process taking a contiguous share of the batches (`process_batches`).
     """
 
     def __init__(
@@ -216,10 +226,13 @@ class TextDataModule(LightningDataModule):
         return self._windows("evaluation")
 
     def train_dataloader(self) -> DataLoader:
-        windows = self.calibration_windows()
+        windows, trainer = self.calibration_windows(), self.trainer
         if self.global_batch_size is None:
-            return DataLoader(windows, batch_size=self.batch_size)
-        trainer, per_step = self.trainer, self.trainer.world_size * self.batch_size
+            batches = list(torch.arange(len(windows)).split(self.batch_size))
+            world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+            share = process_batches(len(batches), rank, world)
+            return DataLoader(windows, batch_sampler=[batches[i].tolist() for i in share])
+        per_step = trainer.world_size * self.batch_size
         if self.global_batch_size % per_step or not per_step <= self.global_batch_size <= len(windows):
             raise LqtkError(f"data.global_batch_size={self.global_batch_size} must be a multiple of the {per_step} "
                             f"windows one forward pass takes on {trainer.world_size} process(es) (data.batch_size "

@@ -52,6 +52,9 @@ class BlockFinetune(BlockWalk):
         self.tuning_results: dict[str, dict] = {}
 
     def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise LqtkError("BlockFinetune runs on one process: run it with trainer.devices 1 and trainer.num_nodes 1 "
+                            "(KLDistillation is the phase that trains on several)")
         model, fp_model = load_student_and_teacher(self.model_path, self.fp_model_path)
         model.requires_grad_(False)  # tune_block unfreezes what it trains
         fp_model.requires_grad_(False)

@@ -22,6 +22,12 @@ model. The evaluation and the export read the finished blocks back one at a time
 Checkpoints (one per block) hold only what the walk produced: the finished blocks' layer configs (their tensors are
 in the block files), the next block's inputs and the run's identity; `ckpt_path=last` resumes after the last
 finished block.
+
+Several processes (`trainer.devices`, `trainer.num_nodes`: lqtk.phases.processes) share the walk: each runs the
+block on its contiguous share of the calibration batches and accumulates its part of every Hessian; the owner of a
+group (the pass's groups dealt out in turn) merges the parts (`HessianAccumulator.merge`, the same H bit for bit as
+one process's), quantizes the group, and sends the result to every process, so all of them go on with the same
+quantized block. Process 0 writes the block files, the checkpoints and the export.
 """
 
 import dataclasses
@@ -39,15 +45,17 @@ from lqtk.moe import ROUTER_LINEARS
 from lqtk.nn import QuantizedLinear, quantized_layers, set_submodule
 from lqtk.phases.block_tuning import BlockTuning
 from lqtk.phases.calibration_passes import calibration_passes
+from lqtk.phases.processes import BlockWalkStrategy, broadcast_from, gather_to, world
 from lqtk.phases.replay import SubmoduleReplay, record_tails
 from lqtk.phases.walk import BlockWalk, StopForward
-from lqtk.quant.base import HessianAccumulator, WeightQuantizer
+from lqtk.quant.base import HessianAccumulator, QuantizedWeight, WeightQuantizer
 from lqtk.streaming import (
     available_memory,
     load_outside_blocks,
     materialize,
     meta_quantized_linear,
     module_bytes,
+    release,
     release_outside_blocks,
     save_block,
     weight_files,
@@ -98,6 +106,14 @@ class LayerwiseCalibration(BlockWalk):
 
     # --- set-up -------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            if not isinstance(self.trainer.strategy, BlockWalkStrategy):
+                raise LqtkError(f"LayerwiseCalibration on {self.trainer.world_size} processes needs trainer.strategy "
+                                f"block_walk, not {type(self.trainer.strategy).__name__}: pass --trainer.strategy "
+                                "block_walk (or leave it auto)")
+            if self.block_tuning is not None:
+                raise LqtkError("block_tuning fine-tunes each block on one process: run this recipe with "
+                                "trainer.devices 1 and trainer.num_nodes 1")
         # Kept out of the module tree: Lightning must neither move the whole model to the device (blocks go one at
         # a time) nor checkpoint the fp weights. Streamed: only the tensors outside the blocks are loaded here.
         model = load_causal_lm(self.model_path, lazy=True).requires_grad_(False)  # block_tuning unfreezes its own
@@ -156,6 +172,7 @@ class LayerwiseCalibration(BlockWalk):
     def on_fit_start(self) -> None:
         super().on_fit_start()  # the block inputs are captured: until the export only blocks run
         release_outside_blocks(self.model)
+        self.first_batch = self.process_batches().start  # index of this process's batch 0 among all batches
 
     def exported_model(self) -> torch.nn.Module:
         load_outside_blocks(self.model)
@@ -166,6 +183,7 @@ class LayerwiseCalibration(BlockWalk):
         materialize(self.model, self.current_epoch)
         self.block.to(self.device)
         self.hessians: dict[str, HessianAccumulator] = {}  # of the groups being calibrated, by first Linear
+        self.groups_dealt = 0  # groups of this block given an owner so far
         if self.block_tuning is not None:
             self.report("computing the fp block's outputs (fine-tuning targets)")
             self.targets = self.block_outputs(self.block)
@@ -180,7 +198,7 @@ class LayerwiseCalibration(BlockWalk):
     @torch.no_grad()
     def _plan_block(self) -> tuple[list[list[list[str]]], dict]:
         """The current block's passes (`calibration_passes`) and the replay's plan (`record_tails`), from one run of
-        its first calibration batch."""
+        its first calibration batch (process 0's passes: the order of an MoE block's experts depends on the batch)."""
         tails: dict = {}
         hooks = record_tails(self.block, tails)
         _, hidden, kwargs = self.batch(0)
@@ -191,7 +209,7 @@ class LayerwiseCalibration(BlockWalk):
         finally:
             for hook in hooks:
                 hook.remove()
-        return passes, tails
+        return broadcast_from(0, passes), tails
 
     @torch.no_grad()
     def training_step(self, batch, batch_idx) -> None:
@@ -217,7 +235,10 @@ class LayerwiseCalibration(BlockWalk):
         self.inputs = self.block_outputs(self.block)
         self.replayed.close()
         self.block.to("cpu")
-        save_block(self.model, self.current_epoch, self.block_file(self.current_epoch))
+        if self.global_rank == 0:
+            save_block(self.model, self.current_epoch, self.block_file(self.current_epoch))
+        else:  # process 0 keeps the finished blocks
+            release(self.block)
         self.finished_blocks.append(self.current_epoch)
         self.quantize_time_s += time.perf_counter() - self.epoch_start
 
@@ -234,7 +255,7 @@ class LayerwiseCalibration(BlockWalk):
             def accumulate(module, args):
                 if group[0] not in self.hessians:
                     self.hessians[group[0]] = HessianAccumulator(module.in_features, self.device)
-                self.hessians[group[0]].add(args[0])
+                self.hessians[group[0]].add(args[0], self.first_batch + self.batch_index)
                 if index == 0:  # the inputs of a pass's later groups went through its layers still unquantized
                     for name in filter(self.replayed.needs_input, group):
                         self.replayed.save_input(name, args[0])
@@ -253,41 +274,65 @@ class LayerwiseCalibration(BlockWalk):
             for handle in handles:
                 handle.remove()
 
-    def _group_hessian(self, names: list[str]) -> torch.Tensor | None:
-        """The Hessian the group's Linears are quantized with (None for a method without one); the identity when
-        they saw fewer than `fallback_below` of the calibration tokens, or none: a Hessian of a few tokens is
-        nearly singular, and without tokens GPTQ would take every column as dead and zero it."""
-        accumulator = self.hessians.pop(names[0], None)
-        if not self.quantizer.needs_hessian:
-            return None
-        if accumulator is None or accumulator.count < self.fallback_below * self.inputs.shape[0] * self.inputs.shape[1]:
-            self.fallbacks += [self.block_prefix(self.current_epoch) + name for name in names]
-            return torch.eye(self.block.get_submodule(names[0]).in_features, device=self.device)
-        return accumulator.hessian()
-
     def _quantize_pass(self, groups: list[list[str]]) -> None:
-        prefix = self.block_prefix(self.current_epoch)
-        for names in groups:
-            hessian = self._group_hessian(names)
-            linears = [self.block.get_submodule(name) for name in names]
-            label = ", ".join(names)
-            self.report(f"quantizing {label}")
-            try:
-                weights = self.quantizer.quantize_shared(
-                    [linear.weight.detach() for linear in linears], hessian,
-                    progress=lambda status: self.report(f"quantizing {label}: {status}"))
-            except LqtkError as err:
-                raise LqtkError(f"{prefix}{label}: {err}") from err
-            for name, linear, weight in zip(names, linears, weights):
-                quantized = QuantizedLinear(weight, linear.bias).to(self.device)
-                set_submodule(self.block, name, quantized)
-                self.layer_errors[prefix + name] = relative_output_error(linear.weight, quantized, hessian)
+        """Quantize the pass's groups, each on its owner process (dealt out in turn), and put every result into every
+        process's block."""
+        rank, processes = world()
+        owners = [(self.groups_dealt + i) % processes for i in range(len(groups))]
+        self.groups_dealt += len(groups)
+        hessians = {names[0]: self._group_hessian(names, owner) for names, owner in zip(groups, owners)}
+        results = {names[0]: self._quantize_group(names, *hessians[names[0]])
+                   for names, owner in zip(groups, owners) if owner == rank}
+        for names, owner in zip(groups, owners):
+            if owner != rank:
+                self.report(f"receiving {', '.join(names)} from process {owner}")
+            weights, errors, fallback = broadcast_from(owner, results.get(names[0]))
+            self.layer_errors.update(errors)
+            self.fallbacks += fallback
+            for name, weight in zip(names, weights):
+                set_submodule(self.block, name, QuantizedLinear(weight, self.block.get_submodule(name).bias)
+                              .to(self.device))
                 if weight.history:
-                    self.layer_history[prefix + name] = weight.history
+                    self.layer_history[self.block_prefix(self.current_epoch) + name] = weight.history
                 child = self.pending[name.split(".")[0]]
                 child.discard(name)
                 if not child:
                     self.replayed.finish(name.split(".")[0])
+
+    def _group_hessian(self, names: list[str], owner: int) -> tuple[torch.Tensor | None, bool]:
+        """On the owner of the group: the Hessian its Linears are quantized with, every process's part merged (None
+        for a method without one), and whether it is the fallback; elsewhere (None, False). The fallback is the
+        identity, taken when they saw fewer than `fallback_below` of the calibration tokens, or none: a Hessian of a
+        few tokens is nearly singular, and without tokens GPTQ would take every column as dead and zero it."""
+        accumulator = self.hessians.pop(names[0], None)
+        if not self.quantizer.needs_hessian:
+            return None, False
+        parts = gather_to(owner, ({}, 0) if accumulator is None else accumulator.partial())
+        if parts is None:
+            return None, False
+        hessian = HessianAccumulator(self.block.get_submodule(names[0]).in_features, self.device)
+        for nodes, count in parts:
+            hessian.merge(nodes, count)
+        positions = self.trainer.datamodule.num_calibration_windows * self.inputs.shape[1]
+        if hessian.count < self.fallback_below * positions:
+            return torch.eye(hessian.features, device=self.device), True
+        return hessian.hessian(), False
+
+    def _quantize_group(self, names: list[str], hessian: torch.Tensor | None, fallback: bool):
+        """(quantized weights, {layer: relative output error}, Linears quantized with the identity Hessian)."""
+        prefix = self.block_prefix(self.current_epoch)
+        linears = [self.block.get_submodule(name) for name in names]
+        label = ", ".join(names)
+        self.report(f"quantizing {label}")
+        try:
+            weights = self.quantizer.quantize_shared(
+                [linear.weight.detach() for linear in linears], hessian,
+                progress=lambda status: self.report(f"quantizing {label}: {status}"))
+        except LqtkError as err:
+            raise LqtkError(f"{prefix}{label}: {err}") from err
+        errors = {prefix + name: relative_output_error(linear.weight, weight, hessian)
+                  for name, linear, weight in zip(names, linears, weights)}
+        return weights, errors, [prefix + name for name in names] if fallback else []
 
     def on_fit_end(self) -> None:
         """The walk is over (and ExportQuantized, which runs first, has exported): the memory-mapped activations are
@@ -330,11 +375,11 @@ class LayerwiseCalibration(BlockWalk):
         self.fallbacks = state["fallback_layers"]
 
 
-def relative_output_error(weight: torch.Tensor, quantized: QuantizedLinear, hessian: torch.Tensor | None) -> float:
+def relative_output_error(weight: torch.Tensor, quantized: QuantizedWeight, hessian: torch.Tensor | None) -> float:
     """||(W - Q) X||² / ||W X||² over the calibration inputs (tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)); plain weight error
     when there is no Hessian."""
     w = weight.detach().float()
-    delta = w - quantized.quantized_weight.dequantize().to(w.device)
+    delta = w - quantized.dequantize().to(w.device)
     if hessian is None:
         return (delta.pow(2).sum() / w.pow(2).sum()).item()
     return ((delta @ hessian * delta).sum() / (w @ hessian * w).sum()).item()

@@ -5,6 +5,9 @@ its inputs are cached (with the keyword arguments every block receives: position
 one block with those inputs and leaves the next block's inputs in `self.inputs`. A checkpoint after every block
 holds what the walk produced plus the run's `identity()`; `ckpt_path=last` continues after the last finished block
 and refuses a checkpoint of another run.
+
+With several processes (`lqtk.phases.processes`), each takes a contiguous share of the calibration batches and keeps
+only their inputs; a checkpoint holds all of them, so a run resumes on any number of processes.
 """
 
 import functools
@@ -15,9 +18,11 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
+from lqtk.data import process_batches
 from lqtk.errors import LqtkError
 from lqtk.models import block_output
 from lqtk.phases.block_tuning import BlockTuning, tune_block
+from lqtk.phases.processes import gather_to
 from lqtk.streaming import activation_buffer, block_prefix, to_device
 
 
@@ -34,7 +39,7 @@ class BlockWalk(LightningModule):
         # No save_hyperparameters(): LightningCLI would let a checkpoint's hyperparameters override the recipe on
         # resume; instead `identity()` is checkpointed and a mismatch is refused.
         self.automatic_optimization = False
-        self.inputs: torch.Tensor | None = None  # (N, T, D) inputs of the current block, on the CPU
+        self.inputs: torch.Tensor | None = None  # (N, T, D) inputs of the current block (this process's), on the CPU
         self.activations_dir: Path | None = None  # if set, block inputs and outputs are memory-mapped files there
         self.batch_index = 0  # the calibration batch being run (set by `batch`)
         self.compute_dtype = torch.float32  # of the block forwards (`autocast`)
@@ -46,6 +51,12 @@ class BlockWalk(LightningModule):
 
     def configure_callbacks(self):
         return [BlockProgressBar(), BlockCheckpoint()]
+
+    def process_batches(self) -> range:
+        """Indices (among all calibration batches) of the batches this process calibrates on."""
+        data = self.trainer.datamodule
+        return process_batches(-(-data.num_calibration_windows // data.batch_size), self.global_rank,
+                               self.trainer.world_size)
 
     def on_fit_start(self) -> None:
         self.trainer.fit_loop.max_epochs = len(self.blocks)  # the phase's length is the model's depth
@@ -123,7 +134,8 @@ class BlockWalk(LightningModule):
 
     def activation_buffer(self, shape) -> torch.Tensor:
         """(N, T, D) in memory, or memory-mapped in `activations_dir` (a new file each time: see activation_buffer)."""
-        return activation_buffer(shape, None if self.activations_dir is None else self.activations_dir / "block.f32")
+        file = None if self.activations_dir is None else self.activations_dir / f"block-{self.global_rank}.f32"
+        return activation_buffer(shape, file)
 
     def tune_current_block(self, targets: torch.Tensor, tuning: BlockTuning) -> None:
         """Fine-tune the current block towards `targets` (N, T, D) on the cached inputs; its held-out errors go to
@@ -164,7 +176,10 @@ class BlockWalk(LightningModule):
         raise NotImplementedError
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lqtk"] = {"phase": type(self).__name__, "identity": self.identity(), "inputs": self.inputs,
+        """Called on every process; process 0 writes the checkpoint, with every process's block inputs."""
+        shares = gather_to(0, self.inputs)
+        checkpoint["lqtk"] = {"phase": type(self).__name__, "identity": self.identity(),
+                              "inputs": None if shares is None else torch.cat(shares),
                               "quantize_time_s": self.quantize_time_s, "rng": torch.random.get_rng_state(),
                               **self.walk_state()}
 
@@ -178,7 +193,8 @@ class BlockWalk(LightningModule):
             changed = sorted(k for k in ours if state["identity"].get(k) != ours[k])
             raise LqtkError(f"the checkpoint belongs to another run (different {', '.join(changed)}): resume with "
                             "the recipe that wrote it, or use another trainer.default_root_dir for this one")
-        self.inputs = state["inputs"]
+        batches, size = self.process_batches(), self.trainer.datamodule.batch_size
+        self.inputs = state["inputs"][batches.start * size: batches.stop * size]  # this process's share
         self.quantize_time_s = state["quantize_time_s"]
         torch.random.set_rng_state(state["rng"])  # for methods that draw random numbers
         self.restore_walk_state(state)
