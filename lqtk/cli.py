@@ -61,6 +61,8 @@ class LqtkCLI(LightningCLI):
             raise LqtkError("the dry run estimates a run from its start: drop --ckpt_path (or --dry_run)")
         self.save_config_callback = None  # a dry run writes nothing into the run folder: no config.yaml, no log
         trainer = super().instantiate_trainer(**kwargs, logger=False)
+        if trainer.world_size > 1:
+            raise LqtkError("the dry run measures one process: run it with trainer.devices 1 and trainer.num_nodes 1")
         export = next(callback for callback in trainer.callbacks if isinstance(callback, ExportQuantized))
         trainer.callbacks.remove(export)
         trainer.callbacks.append(DryRun(export, self._get(self.config_init, "dry_run_output")))
