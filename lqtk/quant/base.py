@@ -146,13 +146,16 @@ class HessianAccumulator:
         self.count += count
 
     def hessian(self) -> torch.Tensor:
-        """H from the nodes, added in batch order; (features × features) zeros when nothing was added."""
+        """H from the nodes, added in batch order; zeros when nothing was added."""
         nodes, _ = self.partial()
-        upper = torch.zeros(self.features, self.features, device=self.device)
-        for level, k in sorted(nodes, key=lambda key: key[1] << key[0]):
-            upper.add_(nodes[(level, k)])
-        upper = upper.triu().div_(max(self.count, 1))
-        return upper + upper.triu(1).T
+        if not nodes:
+            return torch.zeros(self.features, self.features, device=self.device)
+        first, *rest = (nodes[key] for key in sorted(nodes, key=lambda key: key[1] << key[0]))
+        upper = first.triu()  # a new tensor: the nodes stay as they are
+        for node in rest:
+            upper.add_(node)
+        upper.triu_().div_(self.count)
+        return upper.add_(upper.triu(1).T)  # mirrored in place: 3 (features x features) tensors at the peak, not 4
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:
