@@ -8,6 +8,7 @@ for one process and many.
 """
 
 import dataclasses
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,11 @@ class BlockWalkStrategy(DDPStrategy):
     """DDP's processes, without the DistributedDataParallel wrapper (`trainer.strategy: block_walk`)."""
 
     strategy_name = "block_walk"
+
+    def __init__(self, *args, timeout: timedelta = timedelta(hours=12), **kwargs):
+        # The other processes wait while one quantizes a group (AQLM on a large layer: hours) or evaluates the fp
+        # model: far longer than the collectives' default timeout of 30 min.
+        super().__init__(*args, timeout=timeout, **kwargs)
 
     def configure_ddp(self) -> None:
         """Nothing to wrap: the walk keeps the model out of the LightningModule and has no gradients to reduce."""
