@@ -7,7 +7,15 @@ from typing import Literal
 import torch
 
 from lqtk.quant.base import QuantizedWeight, WeightFormat, WeightQuantizer, largest_gains, register_format
-from lqtk.quant.primitives import check_scheme, minmax_qparams, mse_qparams, pack_bits, quantize_affine, unpack_bits
+from lqtk.quant.primitives import (
+    check_scheme,
+    decode_by_rows,
+    minmax_qparams,
+    mse_qparams,
+    pack_bits,
+    quantize_affine,
+    unpack_bits,
+)
 
 
 @register_format
@@ -22,9 +30,11 @@ class AffineFormat(WeightFormat):
     name = "affine"
 
     def dequantize(self, tensors: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
-        q = unpack_bits(tensors["qweight"], spec["bits"], spec["shape"][1])
-        scale, zero = self._per_weight(tensors, spec, q)
-        return (q - zero) * scale
+        def decode(rows):
+            q = unpack_bits(rows["qweight"], spec["bits"], spec["shape"][1])
+            scale, zero = self._per_weight(rows, spec, q)
+            return (q - zero) * scale
+        return decode_by_rows(decode, tensors, spec["shape"])
 
     def nearest_codes(self, tensors, spec, target, max_change, beam_size):
         """Each weight's nearest grid point is found by rounding; the weights whose change gains most are taken."""

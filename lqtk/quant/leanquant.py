@@ -21,7 +21,7 @@ import torch
 from lqtk.errors import LqtkError
 from lqtk.quant.base import QuantizedWeight, WeightFormat, largest_gains, register_format
 from lqtk.quant.gptq import GPTQ
-from lqtk.quant.primitives import pack_bits, unpack_bits
+from lqtk.quant.primitives import decode_by_rows, pack_bits, unpack_bits
 
 
 @register_format
@@ -34,8 +34,8 @@ class LUTFormat(WeightFormat):
     name = "lut"
 
     def dequantize(self, tensors, spec):
-        q = unpack_bits(tensors["qweight"], spec["bits"], spec["shape"][1])
-        return tensors["levels"].float().gather(1, q)
+        return decode_by_rows(lambda rows: rows["levels"].float().gather(
+            1, unpack_bits(rows["qweight"], spec["bits"], spec["shape"][1])), tensors, spec["shape"])
 
     def nearest_codes(self, tensors, spec, target, max_change, beam_size):
         """Each weight's nearest level of its row; the weights whose change gains most are taken."""

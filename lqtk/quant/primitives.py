@@ -92,6 +92,17 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
+def decode_by_rows(decode, tensors: dict[str, torch.Tensor], shape: list[int], rows: int = 256) -> torch.Tensor:
+    """The fp32 (O, I) weight `decode(tensors of some rows)` gives, decoded `rows` rows at a time (every tensor of
+    the format has one row per output row): unpacking's int64 temporaries then exist for a few rows, not for the
+    whole weight (several times its fp32 size: 0.5 GB at once for a 5632 x 2048 Linear)."""
+    first = next(iter(tensors.values()))
+    out = torch.empty(shape, device=first.device)
+    for start in range(0, shape[0], rows):
+        out[start:start + rows] = decode({name: t[start:start + rows] for name, t in tensors.items()})
+    return out
+
+
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack_bits`: (R, words) int32 -> (R, n) int64."""
     words = packed.to(torch.int64) & 0xFFFFFFFF
