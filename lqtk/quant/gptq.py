@@ -31,12 +31,17 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, damp_increment:
 
     U is the inverse of the upper factor R of H = R Rᵀ, which is the Cholesky factor of H in reversed index order:
     one Cholesky and one triangular inverse, without forming H⁻¹ (3-4x faster than inverting then factoring)."""
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     mean_diag = hessian.diagonal().mean()
     while damp <= max_damp:
-        reversed_lower, info = torch.linalg.cholesky_ex((hessian + damp * mean_diag * eye).flip(0, 1))
+        damped = hessian.flip(0, 1)  # a copy, in reversed index order (the diagonal stays the diagonal)
+        damped.diagonal().add_(damp * mean_diag)
+        reversed_lower, info = torch.linalg.cholesky_ex(damped)
+        del damped  # (I, I) matrices are the largest tensors of a wide layer: no more of them at once than needed
         if info == 0:
-            return torch.linalg.solve_triangular(reversed_lower.flip(0, 1), eye, upper=True)
+            upper = reversed_lower.flip(0, 1)
+            del reversed_lower
+            eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+            return torch.linalg.solve_triangular(upper, eye, upper=True)
         warnings.warn(f"GPTQ: Hessian is not positive definite with damp={damp:.3f}; retrying with more damping")
         damp += damp_increment
     raise LqtkError(
@@ -98,14 +103,14 @@ def one_cpu_thread():
 @one_cpu_thread()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
     """Quantize weight (O, I) given H (I, I) on the config's grid. Returns codes (O, I) and the grid of each group."""
-    W = weight.float().clone()
-    H = hessian.float().clone()
-    out_features, in_features = W.shape
-    dead = H.diagonal() == 0  # inputs that were always zero: any value is exact, make them 0
+    out_features, in_features = weight.shape
+    diagonal = hessian.diagonal().float()
+    dead = diagonal == 0  # inputs that were always zero: any value is exact, make them 0
+    perm = torch.argsort(diagonal.masked_fill(dead, 1), descending=True) if config.act_order else \
+        torch.arange(in_features)
+    W, H, dead = weight.float()[:, perm], hessian.float()[perm[:, None], perm], dead[perm]  # copies, walk order
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(in_features)
-    W, H = W[:, perm], H[perm][:, perm]
     U = inverse_hessian_cholesky(H, config.damp, config.damp_increment)
     position = torch.argsort(perm)  # original column -> its place in the walk
     importance = config.column_importance(H, U)[position]
@@ -114,7 +119,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
     bounds = list(zip(starts, starts[1:] + [in_features]))
     group_of = (perm // bounds[0][1]).tolist()  # every group but the last is bounds[0][1] wide
     grids = [None] * len(bounds)
-    codes = torch.zeros(in_features, out_features, dtype=torch.int64)
+    codes = torch.zeros(in_features, out_features, dtype=torch.uint8)  # bits <= 8
 
     for i1 in range(0, in_features, config.block_size):
         i2 = min(i1 + config.block_size, in_features)

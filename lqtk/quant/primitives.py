@@ -78,18 +78,21 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return (quantize_affine(w, scale, zero, bits) - zero) * scale
 
 
-def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_bits(q: torch.Tensor, bits: int, rows: int = 256) -> torch.Tensor:
     """Pack unsigned `bits`-bit integers along the last dim into int32 words, densely (LSB first; a 3-bit value
-    may straddle two words). (R, n) -> (R, ceil(n*bits/32))."""
-    rows, n = q.shape
+    may straddle two words). (R, n) -> (R, ceil(n*bits/32)), `rows` rows at a time (int64 temporaries)."""
+    n = q.shape[1]
     pos = torch.arange(n, device=q.device) * bits
     word, shift = pos // 32, pos % 32
-    v = q.to(torch.int64)
-    packed = torch.zeros(rows, math.ceil(n * bits / 32) + 1, dtype=torch.int64, device=q.device)
-    packed.scatter_add_(1, word.expand(rows, n), (v << shift) & 0xFFFFFFFF)
-    packed.scatter_add_(1, (word + 1).expand(rows, n), v >> (32 - shift))  # the straddling high bits
-    packed = packed[:, :-1]
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    out = torch.empty(q.shape[0], math.ceil(n * bits / 32), dtype=torch.int32, device=q.device)
+    for start in range(0, q.shape[0], rows):
+        v = q[start:start + rows].to(torch.int64)
+        packed = torch.zeros(v.shape[0], out.shape[1] + 1, dtype=torch.int64, device=q.device)
+        packed.scatter_add_(1, word.expand_as(v), (v << shift) & 0xFFFFFFFF)
+        packed.scatter_add_(1, (word + 1).expand_as(v), v >> (32 - shift))  # the straddling high bits
+        packed = packed[:, :-1]
+        out[start:start + rows] = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return out
 
 
 def decode_by_rows(decode, tensors: dict[str, torch.Tensor], shape: list[int], rows: int = 256) -> torch.Tensor:
