@@ -76,8 +76,7 @@ def main() -> None:
             for dtype in args.dtypes:
                 name = f"GPTQModel 7.6.0 w{bits}g128 {'sym' if symmetric else 'asym'} act-order {dtype}"
                 rows.append((name, gptqmodel(model_dir, windows, bits, symmetric, dtype)))
-        for recipe in [f"gptq-w{bits}g128"] + (["gptq-w3g128-mse"] if bits == 3 else []):
-            rows.append((f"lqtk {recipe}", lqtk_recipe(recipe)))
+        rows.append((f"lqtk gptq-w{bits}g128", lqtk_recipe(f"gptq-w{bits}g128")))
     fp = next(r["fp"] for _, r in rows if "fp" in r)
     lines = [f"fp32 perplexity {fp:.3f}; same calibration windows, same evaluation code, same machine, one run.", "",
              "| model | bits/weight | perplexity | × fp | quantize time (s) |", "|---|---|---|---|---|"]

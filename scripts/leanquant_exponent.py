@@ -26,8 +26,8 @@ def main() -> None:
 
     windows = TextDataModule(tokenizer="smollm2-135m", num_calibration_windows=args.windows,
                              seq_len=512).calibration_windows()
-    quantizers = {"gptq-w3g128": GPTQ(bits=3, group_size=128),
-                  "gptq-w3g128-mse": GPTQ(bits=3, group_size=128, observer="mse"),
+    quantizers = {"gptq w3g128 minmax": GPTQ(bits=3, group_size=128),
+                  "gptq w3g128 mse": GPTQ(bits=3, group_size=128, observer="mse"),
                   **{f"nu-w3 p={p:g}": LeanQuant(bits=3, exponent=p) for p in EXPONENTS},
                   **{f"aff-w3g128 p={p:g}": LeanQuant(bits=3, group_size=128, grid="affine", observer="mse",
                                                       mse_norm=2.0, exponent=p) for p in EXPONENTS}}

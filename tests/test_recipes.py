@@ -16,7 +16,7 @@ RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
 def test_there_are_recipes_for_every_method_and_width():
     names = {p.stem for p in RECIPES}
     assert {"rtn-w4g128", "rtn-w3g128", "rtn-w2g64", "gptq-w4g128", "gptq-w3g128", "gptq-w2g64",
-            "gptq-w3g128-mse", "gptq-tiny", "aqlm-2x8-g8", "aqlm-2x8-g8-ft", "aqlm-3x8-g8-ft", "aqlm-tiny",
+            "gptq-tiny", "aqlm-2x8-g8", "aqlm-2x8-g8-ft", "aqlm-3x8-g8-ft", "aqlm-tiny",
             "aqlm-tiny-ft", "aqlm-2x8-g8-distill", "aqlm-2x8-g8-pv", "gptq-w2g64-distill", "gptq-w2g64-pv",
             "aqlm-tiny-distill", "quip-w2", "quip-w3", "quip-w4", "leanquant-nu-w2", "leanquant-nu-w3",
             "leanquant-nu-w4", "leanquant-aff-w3g128", "quip-leanquant-nu-w2", "quip-tiny"} <= names
