@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,10 +103,12 @@ def test_walk_on_two_processes_killed_resumes_on_one(corpus, model, one_process,
     while not checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(delay)
-    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-    os.kill(launcher.pid if victim == "process 0" or not children else int(children[0]), signal.SIGKILL)
-    time.sleep(0.5)
-    os.killpg(launcher.pid, signal.SIGKILL)  # the survivor would wait for its peer until gloo's timeout
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")  # process 1, while the run lasts
+    children = children.read_text().split() if launcher.poll() is None and children.exists() else []
+    if launcher.poll() is None:
+        os.kill(launcher.pid if victim == "process 0" or not children else int(children[0]), signal.SIGKILL)
+        time.sleep(0.5)
+        os.killpg(launcher.pid, signal.SIGKILL)  # the survivor would wait for its peer until gloo's timeout
     launcher.wait()
     print("killed before the export was complete" if not (run_dir / "model").exists() else "killed after the end")
     if not (run_dir / "model").exists():
