@@ -91,9 +91,11 @@ def calibration_windows(tokens: torch.Tensor, count: int, seq_len: int, seed: in
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
 
 
-def process_batches(num_batches: int, rank: int, world_size: int) -> range:
-    """The calibration batches process `rank` of `world_size` takes in layerwise calibration: a contiguous share,
-    as even as the count allows, so that the batches are the same windows on any number of processes."""
+def process_batches(num_windows: int, batch_size: int, rank: int, world_size: int) -> range:
+    """Indices of the calibration batches (`batch_size` windows each, the last one possibly shorter) that process
+    `rank` of `world_size` takes in layerwise calibration: a contiguous share, as even as the count allows, so that
+    the batches are the same windows on any number of processes."""
+    num_batches = -(-num_windows // batch_size)
     if num_batches < world_size:
         raise LqtkError(f"{num_batches} calibration batches cannot be shared by {world_size} processes: raise "
                         "data.num_calibration_windows, lower data.batch_size, or use fewer processes")
@@ -230,7 +232,7 @@ class TextDataModule(LightningDataModule):
         if self.global_batch_size is None:
             batches = list(torch.arange(len(windows)).split(self.batch_size))
             world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
-            share = process_batches(len(batches), rank, world)
+            share = process_batches(len(windows), self.batch_size, rank, world)
             return DataLoader(windows, batch_sampler=[batches[i].tolist() for i in share])
         per_step = trainer.world_size * self.batch_size
         if self.global_batch_size % per_step or not per_step <= self.global_batch_size <= len(windows):

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from lqtk.errors import LqtkError
+from lqtk.streaming import tied_names
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of the module's parameters and buffers, a tensor shared under two names (tied embeddings) once."""
-    tied = getattr(module, "all_tied_weights_keys", None) or {}  # stored once (released, they are two meta tensors)
+    tied = tied_names(module)  # stored once (released, they are two meta tensors)
     sizes = {id(t) if t.is_meta else t.data_ptr(): t.numel() * t.element_size()  # a streamed block is on meta
              for name, t in module.state_dict(keep_vars=True).items() if name not in tied}
     return sum(sizes.values())

@@ -142,7 +142,7 @@ def open_streamed(model: PreTrainedModel, files: WeightFiles, lazy: bool, strict
     model.lqtk_weight_files = files
     map_large_allocations()
     expected = set(model.state_dict())
-    tied = {target: source for target, source in _tied(model).items() if target in expected and source in expected}
+    tied = {target: source for target, source in tied_names(model).items() if target in expected and source in expected}
     for target, source in tied.items():  # a tied pair is stored once, under either name
         if source not in files.files and target in files.files:
             files.files[source] = files.files[target]
@@ -155,14 +155,14 @@ def open_streamed(model: PreTrainedModel, files: WeightFiles, lazy: bool, strict
     return model.eval() if lazy else materialize_all(model).eval()
 
 
-def _tied(model: nn.Module) -> dict[str, str]:
+def tied_names(model: nn.Module) -> dict[str, str]:
     """{tied name: the name it is tied to} (lm_head.weight: model.embed_tokens.weight)."""
     return getattr(model, "all_tied_weights_keys", None) or {}
 
 
 def load_outside_blocks(model: nn.Module) -> None:
     """Load what is on the meta device outside the blocks (embeddings, final norm, head), tied tensors tied."""
-    blocks_prefix, tied = _blocks_prefix(model), _tied(model)
+    blocks_prefix, tied = _blocks_prefix(model), tied_names(model)
     names = [name for name, t in model.state_dict(keep_vars=True).items()
              if t.is_meta and name not in tied and not name.startswith(blocks_prefix)]
     if names:

@@ -26,6 +26,16 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
             "evaluation": write_text(folder / "evaluation.txt", 1500, 1)}
 
 
+@pytest.fixture(scope="session")
+def deep_model(tmp_path_factory):
+    """A tiny Llama deep enough (8 blocks) that a kill lands in the middle of the walk."""
+    from lqtk.models import build_tiny_llama
+
+    path = tmp_path_factory.mktemp("deep") / "model"
+    build_tiny_llama(path, num_hidden_layers=8, hidden_size=96, intermediate_size=256)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Reference models built by the tests go to a throwaway cache, not the user's."""

@@ -1,6 +1,6 @@
-"""Layerwise calibration shared by several processes (gloo on the CPU), run as CLI subprocesses: 2 processes, and 2
-"nodes" on this machine launched by torchrun, export bit for bit what 1 process exports; a walk on 2 processes
-killed (SIGKILL of one of them) resumes on 1 process to the same export."""
+"""Layerwise calibration shared by several processes (gloo on the CPU), run as CLI subprocesses on the 8-block tiny
+Llama (`deep_model`): 2 processes, and 2 "nodes" on this machine launched by torchrun, export bit for bit what 1
+process exports; a walk on 2 processes killed (SIGKILL of one of them) resumes on 1 process to the same export."""
 
 import json
 import os
@@ -17,18 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import LQTK, REPO
-from lqtk.models import build_tiny_llama
 from test_cli import recipe_args, run_lqtk
 
 RECIPE = str(REPO / "configs" / "debug" / "gptq-tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """6 blocks: a kill lands mid-walk."""
-    path = tmp_path_factory.mktemp("six-blocks") / "model"
-    build_tiny_llama(path, num_hidden_layers=6, hidden_size=96, intermediate_size=256)
-    return path
 
 
 def walk_args(corpus, model, run_dir, *extra):
@@ -39,9 +30,9 @@ def walk_args(corpus, model, run_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def one_process(corpus, model, tmp_path_factory):
+def one_process(corpus, deep_model, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one-process") / "run"
-    proc = run_lqtk(*walk_args(corpus, model, run_dir), cwd=run_dir.parent)
+    proc = run_lqtk(*walk_args(corpus, deep_model, run_dir), cwd=run_dir.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -58,9 +49,9 @@ def assert_same_export(run_dir, reference) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_export_what_one_process_exports(corpus, model, one_process, tmp_path):
+def test_two_processes_export_what_one_process_exports(corpus, deep_model, one_process, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_lqtk(*walk_args(corpus, model, run_dir, "--trainer.devices", "2"), cwd=tmp_path)
+    proc = run_lqtk(*walk_args(corpus, deep_model, run_dir, "--trainer.devices", "2"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stderr + proc.stdout
     assert_same_export(run_dir, one_process)
@@ -76,12 +67,12 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_nodes_launched_by_torchrun_export_what_one_process_exports(corpus, model, one_process, tmp_path):
+def test_two_nodes_launched_by_torchrun_export_what_one_process_exports(corpus, deep_model, one_process, tmp_path):
     run_dir, port = tmp_path / "run", free_port()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
          "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "lqtk.cli",
-         *walk_args(corpus, model, run_dir, "--trainer.num_nodes", "2", "--trainer.devices", "1")],
+         *walk_args(corpus, deep_model, run_dir, "--trainer.num_nodes", "2", "--trainer.devices", "1")],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
@@ -89,7 +80,7 @@ def test_two_nodes_launched_by_torchrun_export_what_one_process_exports(corpus, 
 
 
 @pytest.mark.slow
-def test_walk_on_two_processes_killed_resumes_on_one(corpus, model, one_process, tmp_path):
+def test_walk_on_two_processes_killed_resumes_on_one(corpus, deep_model, one_process, tmp_path):
     """SIGKILL one of the two processes (seeded choice, and moment between the first checkpoint and 0.6 x the walk's
     time later), then the rest of the run; `--ckpt_path last` on one process must give the uninterrupted export."""
     run_dir, walk_time = tmp_path / "run", json.loads((one_process / "metrics.json").read_text())["quantize_time_s"]
@@ -97,8 +88,9 @@ def test_walk_on_two_processes_killed_resumes_on_one(corpus, model, one_process,
     rng = random.Random(seed)
     victim, delay = rng.choice(["process 0", "process 1"]), rng.uniform(0, 0.6 * walk_time)
     print(f"kill seed {seed}: SIGKILL {victim} {delay:.2f} s after the first checkpoint")
-    launcher = subprocess.Popen([*LQTK, *walk_args(corpus, model, run_dir, "--trainer.devices", "2")], cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    launcher = subprocess.Popen([*LQTK, *walk_args(corpus, deep_model, run_dir, "--trainer.devices", "2")],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
     checkpoint, deadline = run_dir / "checkpoints" / "last.ckpt", time.monotonic() + 300
     while not checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -112,13 +104,13 @@ def test_walk_on_two_processes_killed_resumes_on_one(corpus, model, one_process,
     launcher.wait()
     print("killed before the export was complete" if not (run_dir / "model").exists() else "killed after the end")
     if not (run_dir / "model").exists():
-        proc = run_lqtk(*walk_args(corpus, model, run_dir, "--ckpt_path", "last"), cwd=tmp_path)
+        proc = run_lqtk(*walk_args(corpus, deep_model, run_dir, "--ckpt_path", "last"), cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_export(run_dir, one_process)
 
 
-def test_more_processes_than_calibration_batches_is_refused(corpus, model, tmp_path):
-    proc = run_lqtk(*walk_args(corpus, model, tmp_path / "run", "--data.num_calibration_windows", "4",
+def test_more_processes_than_calibration_batches_is_refused(corpus, deep_model, tmp_path):
+    proc = run_lqtk(*walk_args(corpus, deep_model, tmp_path / "run", "--data.num_calibration_windows", "4",
                                "--trainer.devices", "2"), cwd=tmp_path)
     assert proc.returncode != 0
     assert "1 calibration batches cannot be shared by 2 processes" in proc.stderr

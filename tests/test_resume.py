@@ -12,18 +12,9 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import LQTK, REPO
-from lqtk.models import build_tiny_llama
 from test_cli import recipe_args, run_lqtk
 
 DEBUG = REPO / "configs" / "debug"
-
-
-@pytest.fixture(scope="module")
-def deep_model(tmp_path_factory):
-    """Deep enough (8 blocks) that a kill lands in the middle of the walk."""
-    path = tmp_path_factory.mktemp("deep") / "model"
-    build_tiny_llama(path, num_hidden_layers=8, hidden_size=96, intermediate_size=256)
-    return path
 
 
 def walk_args(corpus, run_dir, recipe, *extra):

@@ -55,8 +55,7 @@ class BlockWalk(LightningModule):
     def process_batches(self) -> range:
         """Indices (among all calibration batches) of the batches this process calibrates on."""
         data = self.trainer.datamodule
-        return process_batches(-(-data.num_calibration_windows // data.batch_size), self.global_rank,
-                               self.trainer.world_size)
+        return process_batches(data.num_calibration_windows, data.batch_size, self.global_rank, self.trainer.world_size)
 
     def on_fit_start(self) -> None:
         self.trainer.fit_loop.max_epochs = len(self.blocks)  # the phase's length is the model's depth

@@ -115,14 +115,19 @@ class HessianAccumulator:
         batch may come in several parts, e.g. an MoE expert's tokens)."""
         x = x.reshape(-1, x.shape[-1]).float()
         if self.leaf is not None and self.leaf[0] != batch:
-            self._insert(0, *self.leaf)
-            self.leaf = None
+            self._close_leaf()
         if self.leaf is None:
             self.leaf = (batch, torch.zeros(self.features, self.features, device=self.device))
         upper, width = self.leaf[1], -(-x.shape[1] // self.panels)
         for i in range(0, x.shape[1], width):
             upper[i:i + width, i:].addmm_(x[:, i:i + width].T, x[:, i:], alpha=2)
         self.count += x.shape[0]
+
+    def _close_leaf(self) -> None:
+        """The batch being added to is complete: it becomes node (0, batch)."""
+        if self.leaf is not None:
+            self._insert(0, *self.leaf)
+            self.leaf = None
 
     def _insert(self, level: int, k: int, total: torch.Tensor) -> None:
         while (level, k ^ 1) in self.nodes:
@@ -133,9 +138,7 @@ class HessianAccumulator:
 
     def partial(self) -> tuple[dict[tuple[int, int], torch.Tensor], int]:
         """This accumulator's nodes and count, to be `merge`d into another's (another process's)."""
-        if self.leaf is not None:
-            self._insert(0, *self.leaf)
-            self.leaf = None
+        self._close_leaf()
         return self.nodes, self.count
 
     def merge(self, nodes: dict[tuple[int, int], torch.Tensor], count: int) -> None:
