@@ -39,8 +39,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SHARD_BYTES = 128 * 2**20  # shard size limit of the export: at most this much of the export is held for writing
 # glibc serves allocations below its mmap threshold from the heap and keeps freed heap memory for reuse; it raises
 # that threshold up to 32 MiB as large tensors are freed, so a block's weights and activations end up in a heap that
-# only grows. A fixed threshold gives tensors of a MiB and more their own mappings, unmapped when freed;
-# malloc_trim hands back what the heap has free.
+# only grows. A fixed threshold gives larger tensors their own mappings, unmapped when freed; malloc_trim hands back
+# what the heap has free. Not lower: every new mapping is page-faulted in afresh, and at 1 MiB the temporaries of
+# each calibration batch were, which made the reference model's calibration 1.45x slower (16 MiB: 10% more peak RSS).
+MMAP_THRESHOLD = 16 * 2**20
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
 _MALLOC_TRIM_AVAILABLE = hasattr(_LIBC, "malloc_trim")
 _MALLOPT_AVAILABLE = hasattr(_LIBC, "mallopt")
@@ -228,9 +230,9 @@ def return_freed_memory() -> None:
 
 
 def map_large_allocations() -> None:
-    """Fix glibc's mmap threshold at 1 MiB (see _LIBC): freed tensors leave the process."""
+    """Fix glibc's mmap threshold (see _LIBC): large freed tensors leave the process."""
     if _MALLOPT_AVAILABLE:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 2**20)
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def to_device(module: nn.Module, device) -> nn.Module:

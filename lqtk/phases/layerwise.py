@@ -198,10 +198,12 @@ class LayerwiseCalibration(BlockWalk):
     @torch.no_grad()
     def _plan_block(self) -> tuple[list[list[list[str]]], dict]:
         """The current block's passes (`calibration_passes`) and the replay's plan (`record_tails`), from one run of
-        its first calibration batch (process 0's passes: the order of an MoE block's experts depends on the batch)."""
+        the first window of its first calibration batch (process 0's passes: the order of an MoE block's experts
+        depends on the tokens). One window shows the block's structure as well as a batch, several times faster."""
         tails: dict = {}
         hooks = record_tails(self.block, tails)
         _, hidden, kwargs = self.batch(0)
+        hidden, kwargs = first_window(hidden, kwargs)
         try:
             with self.autocast():
                 passes = calibration_passes(self._linears(self.block), lambda: self.block(hidden, **kwargs),
@@ -373,6 +375,19 @@ class LayerwiseCalibration(BlockWalk):
         self.layer_history = state["layer_history"]
         self.tuning_results = state["block_tuning"]
         self.fallbacks = state["fallback_layers"]
+
+
+def first_window(hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """A batch's block inputs and keyword arguments cut to its first window: the tensors (or tuples of them) whose
+    first dim is the batch's (a Gemma-3 sliding-window mask); those shared by all windows (positions) stay."""
+    windows = hidden.shape[0]
+
+    def cut(value):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == windows:
+            return value[:1]
+        return tuple(cut(v) for v in value) if isinstance(value, tuple) else value
+
+    return hidden[:1], {name: cut(value) for name, value in kwargs.items()}
 
 
 def relative_output_error(weight: torch.Tensor, quantized: QuantizedWeight, hessian: torch.Tensor | None) -> float:

@@ -89,20 +89,27 @@ def grid_rows(grid, rows: slice):
 
 
 @contextmanager
-def one_cpu_thread():
-    """The column loop issues thousands of tiny ops; with several intra-op CPU threads their synchronisation costs
-    more than the work (10-50x slower when the cores are shared with another process)."""
+def cpu_threads(count: int):
+    """Run the body with `count` intra-op CPU threads."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
 
 
-@one_cpu_thread()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
-    """Quantize weight (O, I) given H (I, I) on the config's grid. Returns codes (O, I) and the grid of each group."""
+    """Quantize weight (O, I) given H (I, I) on the config's grid. Returns codes (O, I) and the grid of each group.
+    The column loop issues thousands of tiny ops on one thread: with several, their synchronisation costs more than
+    the work (10-50x slower when the cores are shared with another process). A group's grid search (whole (O, n)
+    tensors) gets them all back."""
+    threads = torch.get_num_threads()
+    with cpu_threads(1):
+        return _gptq_loop(weight, hessian, config, threads)
+
+
+def _gptq_loop(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ, grid_threads: int):
     out_features, in_features = weight.shape
     diagonal = hessian.diagonal().float()
     dead = diagonal == 0  # inputs that were always zero: any value is exact, make them 0
@@ -133,7 +140,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
                 # of this block so far (the lazy update has not reached W yet) and fix the group's grid.
                 start, end = bounds[g]
                 cols = position[start:end]
-                grids[g] = config.fit_grid(W[:, cols] - Err1[:i].T @ U[i1:j, cols], importance[start:end])
+                group = W[:, cols] - Err1[:i].T @ U[i1:j, cols]
+                with cpu_threads(grid_threads):
+                    grids[g] = config.fit_grid(group, importance[start:end])
             q, value = config.round_to_grid(W1[i], grids[g])
             codes[j] = q
             err = (W1[i] - value) / U[j, j]

@@ -29,9 +29,13 @@ def group_starts(in_features: int, group_size: int | None) -> list[int]:
 
 def minmax_qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of `w` (O, n) covering the row's range; both (O, 1) fp32."""
+    return range_qparams(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True), bits, symmetric)
+
+
+def range_qparams(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """Scale and zero point of rows whose values lie in [wmin, wmax] (O, 1), a range widened to include 0."""
     maxq = 2**bits - 1
-    wmin = w.amin(dim=1, keepdim=True).clamp(max=0)
-    wmax = w.amax(dim=1, keepdim=True).clamp(min=0)
+    wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
     if symmetric:
         wmax = torch.maximum(-wmin, wmax)
         wmin = -wmax
@@ -54,14 +58,16 @@ def mse_qparams(
     """Scale search: shrink the min/max range by factors 1, 1-1/grid, ... and keep, per row, the range whose
     rounding error sum_j importance_j |q(w_j) - w_j|^norm is least (GPTQ/GPTQModel `mse`, llm-compressor's MSE
     observer). `importance` (n,) weights the columns, e.g. diag(H) so the error is measured where the inputs are."""
-    best_scale, best_zero = minmax_qparams(w, bits, symmetric)
+    wmin, wmax = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    best_scale, best_zero = range_qparams(wmin, wmax, bits, symmetric)
     best_err = torch.full_like(best_scale, float("inf"))
     for i in range(int(max_shrink * grid) + 1):
         shrink = 1 - i / grid
-        scale, zero = minmax_qparams(w * shrink, bits, symmetric)
-        err = (fake_quantize(w, scale, zero, bits) - w).abs().pow(norm)
+        # the range of w·shrink is shrink·[wmin, wmax] exactly (multiplying by a positive number keeps the order)
+        scale, zero = range_qparams(wmin * shrink, wmax * shrink, bits, symmetric)
+        err = fake_quantize(w, scale, zero, bits).sub_(w).abs_().pow_(norm)  # in place: one temporary, not five
         if importance is not None:
-            err = err * importance
+            err.mul_(importance)
         err = err.sum(dim=1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -71,11 +77,11 @@ def mse_qparams(
 
 
 def quantize_affine(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    return torch.div(w, scale).round_().add_(zero).clamp_(0, 2**bits - 1)
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    return (quantize_affine(w, scale, zero, bits) - zero) * scale
+    return quantize_affine(w, scale, zero, bits).sub_(zero).mul_(scale)
 
 
 def pack_bits(q: torch.Tensor, bits: int, rows: int = 256) -> torch.Tensor:
