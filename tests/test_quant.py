@@ -50,22 +50,24 @@ def test_hessian_of_contiguous_shares_merged_is_bit_for_bit_the_whole(shares):
     """What processes that each take a contiguous share of the batches merge is exactly one process's H, in any
     merge order (the pairwise sums are fixed by the batch indices)."""
     batches = [torch.randn(37, 50) * (i + 1) for i in range(sum(shares))]
-    whole = HessianAccumulator(50)
+    whole = HessianAccumulator(50, sample_rows=5)
     for index, x in enumerate(batches):
         whole.add(x, index)
     parts, start = [], 0
     for size in shares:
-        part = HessianAccumulator(50)
+        part = HessianAccumulator(50, sample_rows=5)
         for index in range(start, start + size):
             part.add(batches[index], index)
         parts.append(part.partial())
         start += size
     for order in (parts, parts[::-1]):
-        merged = HessianAccumulator(50)
-        for nodes, count in order:
-            merged.merge({key: t.clone() for key, t in nodes.items()}, count)
+        merged = HessianAccumulator(50, sample_rows=5)
+        for nodes, count, samples in order:
+            merged.merge({key: t.clone() for key, t in nodes.items()}, count, samples)
         assert merged.count == whole.count
         assert torch.equal(merged.hessian(), whole.hessian())
+        assert torch.equal(merged.sample(), whole.sample())
+    assert torch.equal(whole.sample(), torch.cat([x[::7][:5] for x in batches]))  # 5 rows of 37, every 7th
 
 
 def test_minmax_grid_is_exact_on_grid_values():

@@ -256,7 +256,8 @@ class LayerwiseCalibration(BlockWalk):
         def hook(index, group):
             def accumulate(module, args):
                 if group[0] not in self.hessians:
-                    self.hessians[group[0]] = HessianAccumulator(module.in_features, self.device)
+                    self.hessians[group[0]] = HessianAccumulator(module.in_features, self.device,
+                                                                 self.sample_rows_per_batch())
                 self.hessians[group[0]].add(args[0], self.first_batch + self.batch_index)
                 if index == 0:  # the inputs of a pass's later groups went through its layers still unquantized
                     for name in filter(self.replayed.needs_input, group):
@@ -301,26 +302,34 @@ class LayerwiseCalibration(BlockWalk):
                 if not child:
                     self.replayed.finish(name.split(".")[0])
 
-    def _group_hessian(self, names: list[str], owner: int) -> tuple[torch.Tensor | None, bool]:
+    def sample_rows_per_batch(self) -> int:
+        """Input rows each calibration batch contributes to a group's sample (the quantizer's `input_sample_rows`
+        spread over all batches)."""
+        data = self.trainer.datamodule
+        return -(-self.quantizer.input_sample_rows * data.batch_size // data.num_calibration_windows)
+
+    def _group_hessian(self, names: list[str], owner: int) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
         """On the owner of the group: the Hessian its Linears are quantized with, every process's part merged (None
-        for a method without one), and whether it is the fallback; elsewhere (None, False). The fallback is the
-        identity, taken when they saw fewer than `fallback_below` of the calibration tokens, or none: a Hessian of a
-        few tokens is nearly singular, and without tokens GPTQ would take every column as dead and zero it."""
+        for a method without one), the sample of their inputs (None unless the method asks for one), and whether
+        the Hessian is the fallback; elsewhere (None, None, False). The fallback is the identity, taken when they saw
+        fewer than `fallback_below` of the calibration tokens, or none: a Hessian of a few tokens is nearly singular,
+        and without tokens GPTQ would take every column as dead and zero it."""
         accumulator = self.hessians.pop(names[0], None)
         if not self.quantizer.needs_hessian:
-            return None, False
-        parts = gather_to(owner, ({}, 0) if accumulator is None else accumulator.partial())
+            return None, None, False
+        parts = gather_to(owner, ({}, 0, {}) if accumulator is None else accumulator.partial())
         if parts is None:
-            return None, False
+            return None, None, False
         hessian = HessianAccumulator(self.block.get_submodule(names[0]).in_features, self.device)
-        for nodes, count in parts:
-            hessian.merge(nodes, count)
+        for part in parts:
+            hessian.merge(*part)
         positions = self.trainer.datamodule.num_calibration_windows * self.inputs.shape[1]
         if hessian.count < self.fallback_below * positions:
-            return torch.eye(hessian.features, device=self.device), True
-        return hessian.hessian(), False
+            return torch.eye(hessian.features, device=self.device), hessian.sample(), True
+        return hessian.hessian(), hessian.sample(), False
 
-    def _quantize_group(self, names: list[str], hessian: torch.Tensor | None, fallback: bool):
+    def _quantize_group(self, names: list[str], hessian: torch.Tensor | None, inputs: torch.Tensor | None,
+                        fallback: bool):
         """(quantized weights, {layer: relative output error}, Linears quantized with the identity Hessian)."""
         prefix = self.block_prefix(self.current_epoch)
         linears = [self.block.get_submodule(name) for name in names]
@@ -329,7 +338,7 @@ class LayerwiseCalibration(BlockWalk):
         try:
             weights = self.quantizer.quantize_shared(
                 [linear.weight.detach() for linear in linears], hessian,
-                progress=lambda status: self.report(f"quantizing {label}: {status}"))
+                progress=lambda status: self.report(f"quantizing {label}: {status}"), inputs=inputs)
         except LqtkError as err:
             raise LqtkError(f"{prefix}{label}: {err}") from err
         errors = {prefix + name: relative_output_error(linear.weight, weight, hessian)

@@ -75,6 +75,9 @@ class WeightQuantizer:
 
     #: whether `quantize` needs the calibration Hessian (RTN does not; the phase then skips collecting it)
     needs_hessian: bool = True
+    #: how many rows of a layer's calibration inputs `quantize_shared` wants besides H (activation quantization
+    #: calibrates on them); 0: none are kept
+    input_sample_rows: int = 0
 
     def check_fits(self, shape: tuple[int, int]) -> None:
         """Raise an LqtkError proposing a setting that fits if this method cannot encode an (O, I) weight. The phase
@@ -86,9 +89,11 @@ class WeightQuantizer:
         raise NotImplementedError
 
     def quantize_shared(self, weights: list[torch.Tensor], hessian: torch.Tensor | None,
-                        progress: Callable[[str], None] | None = None) -> list[QuantizedWeight]:
+                        progress: Callable[[str], None] | None = None,
+                        inputs: torch.Tensor | None = None) -> list[QuantizedWeight]:
         """Quantize Linears that read the same input, hence share `hessian` (q/k/v, gate/up). One by one here;
-        methods whose rows are independent given H override it to quantize them stacked, in one pass."""
+        methods whose rows are independent given H override it to quantize them stacked, in one pass. `inputs`
+        (n, I): a sample of the calibration inputs, for methods with `input_sample_rows`."""
         return [self.quantize(weight, hessian, progress) for weight in weights]
 
 
@@ -100,14 +105,18 @@ class HessianAccumulator:
     process summed which batches or in what order nodes arrive, so processes that each sum a contiguous share of
     the batches and `merge` their nodes get bit for bit the H of one process (and pairwise sums are more accurate
     than running ones). Holds about log2(batches) + 1 (features × features) nodes. H is symmetric, so only its
-    upper triangle is accumulated, in row panels (about 40% fewer FLOPs than xᵀx); `hessian()` mirrors it."""
+    upper triangle is accumulated, in row panels (about 40% fewer FLOPs than xᵀx); `hessian()` mirrors it.
+
+    With `sample_rows` > 0 it also keeps up to that many evenly strided input rows of each batch (on the CPU), which
+    `sample()` returns in batch order, so they too do not depend on how batches were shared out."""
 
     panels = 8
 
-    def __init__(self, features: int, device: torch.device | str | None = None):
-        self.features, self.device = features, device
+    def __init__(self, features: int, device: torch.device | str | None = None, sample_rows: int = 0):
+        self.features, self.device, self.sample_rows = features, device, sample_rows
         self.nodes: dict[tuple[int, int], torch.Tensor] = {}  # (level, k) -> Σ over its batches (upper triangle)
         self.leaf: tuple[int, torch.Tensor] | None = None  # the batch being added to: (index, Σ so far)
+        self.samples: dict[int, torch.Tensor] = {}  # batch -> its sampled input rows
         self.count = 0
 
     def add(self, x: torch.Tensor, batch: int = 0) -> None:
@@ -122,6 +131,9 @@ class HessianAccumulator:
         for i in range(0, x.shape[1], width):
             upper[i:i + width, i:].addmm_(x[:, i:i + width].T, x[:, i:], alpha=2)
         self.count += x.shape[0]
+        if self.sample_rows:
+            rows = x[::max(1, x.shape[0] // self.sample_rows)][:self.sample_rows].cpu()
+            self.samples[batch] = torch.cat([self.samples[batch], rows]) if batch in self.samples else rows
 
     def _close_leaf(self) -> None:
         """The batch being added to is complete: it becomes node (0, batch)."""
@@ -136,21 +148,27 @@ class HessianAccumulator:
             level, k = level + 1, k >> 1
         self.nodes[(level, k)] = total
 
-    def partial(self) -> tuple[dict[tuple[int, int], torch.Tensor], int]:
-        """This accumulator's nodes and count, to be `merge`d into another's (another process's)."""
+    def partial(self) -> tuple[dict[tuple[int, int], torch.Tensor], int, dict[int, torch.Tensor]]:
+        """This accumulator's nodes, count and samples, to be `merge`d into another's (another process's)."""
         self._close_leaf()
-        return self.nodes, self.count
+        return self.nodes, self.count, self.samples
 
-    def merge(self, nodes: dict[tuple[int, int], torch.Tensor], count: int) -> None:
+    def merge(self, nodes: dict[tuple[int, int], torch.Tensor], count: int,
+              samples: dict[int, torch.Tensor] | None = None) -> None:
         """Add another accumulator's `partial()` (of other batches)."""
         self.partial()
         for (level, k), total in nodes.items():
             self._insert(level, k, total.to(self.device))
         self.count += count
+        self.samples.update(samples or {})
+
+    def sample(self) -> torch.Tensor | None:
+        """The sampled input rows (n, features) of all batches, in batch order; None without sampling."""
+        return torch.cat([self.samples[batch] for batch in sorted(self.samples)]) if self.samples else None
 
     def hessian(self) -> torch.Tensor:
         """H from the nodes, added in batch order; zeros when nothing was added."""
-        nodes, _ = self.partial()
+        nodes = self.partial()[0]
         if not nodes:
             return torch.zeros(self.features, self.features, device=self.device)
         first, *rest = (nodes[key] for key in sorted(nodes, key=lambda key: key[1] << key[0]))

@@ -69,7 +69,7 @@ class GPTQ(AffineQuantizer):
         return self.quantize_shared([weight], hessian, progress)[0]
 
     def quantize_shared(self, weights: list[torch.Tensor], hessian: torch.Tensor | None,
-                        progress=None) -> list[QuantizedWeight]:
+                        progress=None, inputs=None) -> list[QuantizedWeight]:
         """Rows are quantized independently given H (codes and grids of a row depend on that row alone), so Linears
         sharing H go through one walk over their stacked rows: one factorization and one column loop, not one each."""
         if hessian is None:
