@@ -11,6 +11,7 @@ from torchmetrics.text import Perplexity
 
 from lqtk.models import cache_dir
 from lqtk.streaming import final_hidden_states
+from lqtk.token_pruning import PruningRun
 
 EVAL_BATCH_SIZE = 2  # windows per forward
 LOGIT_POSITIONS = 256  # positions whose logits exist at once: 256 x a 262k vocabulary is 268 MB in fp32
@@ -37,23 +38,31 @@ def head_in_chunks(model: torch.nn.Module, hidden: torch.Tensor, positions: int 
         yield start, output_logits(model, hidden[:, start:start + positions])
 
 
-def streamed_logits(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE):
+def streamed_logits(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE,
+                    pruning: PruningRun | None = None):
     """Yield (batch, start, logits) of `model` on `windows` as `logits_in_chunks` does per batch, with the body run
     block by block over all batches (`lqtk.streaming.final_hidden_states`): a streamed model's blocks are
-    materialized once each, a loaded model's decoded quantized weights exist for one block at a time."""
-    for batch, hidden in enumerate(final_hidden_states(model, windows, batch_size)):
+    materialized once each, a loaded model's decoded quantized weights exist for one block at a time. With
+    `pruning`, the logits are those of each batch's kept positions (`pruning.positions`)."""
+    for batch, hidden in enumerate(final_hidden_states(model, windows, batch_size, pruning)):
         for start, logits in head_in_chunks(model, hidden):
             yield batch, start, logits
 
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, int]:
-    """(perplexity, number of predicted tokens) of `model` on `windows` (n, seq_len)."""
+    """(perplexity, number of predicted tokens) of `model` on `windows` (n, seq_len). A model with token pruning
+    (`model.lqtk_token_pruning`, an export's setting) is scored at its kept positions only (lqtk.token_pruning)."""
     metric = Perplexity(sync_on_compute=False)  # one process's windows, also inside a multi-process run
-    targets = windows[:, 1:].split(batch_size)
-    for batch, start, logits in streamed_logits(model, windows[:, :-1], batch_size):  # the last position is context
-        metric.update(logits.cpu(), targets[batch][:, start:start + logits.shape[1]])
-    return metric.compute().item(), windows.shape[0] * (windows.shape[1] - 1)
+    config = getattr(model, "lqtk_token_pruning", None)
+    pruning = None if config is None else PruningRun(config)
+    targets, scored = windows[:, 1:].split(batch_size), 0
+    for batch, start, logits in streamed_logits(model, windows[:, :-1], batch_size, pruning):  # the last is context
+        target = targets[batch] if pruning is None else targets[batch].gather(1, pruning.positions[batch])
+        target = target[:, start:start + logits.shape[1]]
+        metric.update(logits.cpu(), target)
+        scored += target.numel()
+    return metric.compute().item(), scored
 
 
 def fp_perplexity(model: torch.nn.Module, model_dir: Path, windows: torch.Tensor, batch_size: int) -> float:

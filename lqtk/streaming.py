@@ -31,6 +31,7 @@ from lqtk.errors import LqtkError
 from lqtk.models import block_output, decoder_blocks
 from lqtk.nn import QuantizedLinear, quantized_linear_from_config
 from lqtk.quant.base import check_finite
+from lqtk.token_pruning import PruningRun
 
 log = logging.getLogger(__name__)
 
@@ -344,10 +345,13 @@ def _stand_ins(blocks: nn.ModuleList, forward):
 
 
 @torch.no_grad()
-def final_hidden_states(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def final_hidden_states(model: nn.Module, windows: torch.Tensor, batch_size: int,
+                        pruning: PruningRun | None = None) -> list[torch.Tensor]:
     """The final hidden states (after the final norm) of `model` on `windows` (n, T), one (B, T, D) tensor per
     batch of `batch_size` windows, computed block by block: all batches pass block k before block k+1 is
-    materialized. The same per-batch operations as the whole model's forward, so the same bits."""
+    materialized. The same per-batch operations as the whole model's forward, so the same bits. With `pruning`
+    (lqtk.token_pruning), the blocks from its start_layer on run on each batch's kept tokens (B, K, D), whose
+    positions it then holds."""
     device = model.get_input_embeddings().weight.device
     blocks, decoder = decoder_blocks(model), model.get_decoder()
     batches = [batch.to(device) for batch in windows.split(batch_size)]
@@ -366,7 +370,10 @@ def final_hidden_states(model: nn.Module, windows: torch.Tensor, batch_size: int
         block_kwargs.append(kwargs)
     for index in range(len(blocks)):
         with block_on(model, index, device) as block:
-            hidden = [block_output(block(x, **kwargs[index])) for x, kwargs in zip(hidden, block_kwargs)]
+            if pruning is None:
+                hidden = [block_output(block(x, **kwargs[index])) for x, kwargs in zip(hidden, block_kwargs)]
+            else:
+                hidden = pruning.run_block(block, index, len(blocks), hidden, [kw[index] for kw in block_kwargs])
     outputs = []
     for batch, x in zip(batches, hidden):
         with _stand_ins(blocks, lambda index, h, _, x=x: x if index == len(blocks) - 1 else h):

@@ -1,6 +1,6 @@
 """Quantize the reference model with each recipe (or chain of recipes) and print a results table (markdown).
 
-    python scripts/results_table.py [--table results-table|aqlm-table|distill-table|quip-table]
+    python scripts/results_table.py [--table results-table|aqlm-table|distill-table|quip-table|actquant-table]
                                     [--recipes a b+c ...] [--fresh] [--update-readme]
 
 A row is a recipe, or a chain `calibration+finetune` run by `lqtk chain` into runs/table/<recipe>: a phase already
@@ -29,6 +29,8 @@ TABLES = {
     "quip-table": ["gptq-w2g64", "quip-w2", "leanquant-nu-w2", "quip-leanquant-nu-w2", "gptq-w3g128",
                    "leanquant-nu-w3", "leanquant-aff-w3g128", "quip-w3", "gptq-w4g128",
                    "leanquant-nu-w4", "quip-w4"],
+    "actquant-table": ["gptq-w4g128", "gptq-w4a8", "gptq-w4a8-trip", "gptq-w4a4", "gptq-w4a4-trip",
+                       "gptq-w4a8-prune25", "gptq-w4a8-prune50"],
 }
 
 
@@ -110,12 +112,27 @@ def quip_checks(rows: dict[str, dict]) -> str:
     return "\n".join(lines + not_run("quip-table", rows))
 
 
+def actquant_checks(rows: dict[str, dict]) -> str:
+    """The activation-quantization issue's targets: W4A8 within 5% of W4A16 (goal 2%), TRIP lowers W4A4's perplexity,
+    and W4A4 with TRIP is at most 1.5x W4A16."""
+    lines = [""]
+    for method, baseline, target in [("gptq-w4a8", "gptq-w4g128", "≤ 1.05, goal ≤ 1.02"),
+                                     ("gptq-w4a8-trip", "gptq-w4g128", "≤ 1.05, goal ≤ 1.02"),
+                                     ("gptq-w4a4-trip", "gptq-w4a4", "< 1"),
+                                     ("gptq-w4a4-trip", "gptq-w4g128", "≤ 1.5")]:
+        if {method, baseline} <= rows.keys():
+            ratio = rows[method]["perplexity"] / rows[baseline]["perplexity"]
+            lines.append(f"- {method} / {baseline} perplexity: **{ratio:.3f}** (target {target})")
+    return "\n".join(lines + not_run("actquant-table", rows))
+
+
 def not_run(name: str, rows: dict[str, dict]) -> list[str]:
     missing = [row for row in TABLES[name] if row not in rows]
     return [f"- not run yet: {', '.join(missing)}"] if missing else []
 
 
-CHECKS = {"aqlm-table": aqlm_checks, "distill-table": distill_checks, "quip-table": quip_checks}
+CHECKS = {"aqlm-table": aqlm_checks, "distill-table": distill_checks, "quip-table": quip_checks,
+          "actquant-table": actquant_checks}
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from conftest import REPO
 from lqtk.cli import LqtkCLI
 from lqtk.data import TextDataModule
 from lqtk.phases import BlockFinetune, KLDistillation, LayerwiseCalibration
-from lqtk.quant import WeightQuantizer
+from lqtk.quant import AgileQuant, WeightQuantizer
 
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -19,7 +19,9 @@ def test_there_are_recipes_for_every_method_and_width():
             "gptq-tiny", "aqlm-2x8-g8", "aqlm-2x8-g8-ft", "aqlm-3x8-g8-ft", "aqlm-tiny",
             "aqlm-tiny-ft", "aqlm-2x8-g8-distill", "aqlm-2x8-g8-pv", "gptq-w2g64-distill", "gptq-w2g64-pv",
             "aqlm-tiny-distill", "quip-w2", "quip-w3", "quip-w4", "leanquant-nu-w2", "leanquant-nu-w3",
-            "leanquant-nu-w4", "leanquant-aff-w3g128", "quip-leanquant-nu-w2", "quip-tiny"} <= names
+            "leanquant-nu-w4", "leanquant-aff-w3g128", "quip-leanquant-nu-w2", "quip-tiny", "gptq-w4a8",
+            "gptq-w4a8-trip", "gptq-w4a4", "gptq-w4a4-trip", "gptq-w4a8-tiny", "gptq-w4a8-prune25",
+            "gptq-w4a8-prune50"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "configs")))
@@ -36,7 +38,9 @@ def test_recipe_instantiates(recipe: Path, tmp_path):
         assert cli.model.model_path.startswith(f"runs/{recipe.parent.name}/{method}")
         assert (cli.model.pv is not None) == recipe.stem.endswith("-pv")
     else:
-        assert isinstance(cli.model, LayerwiseCalibration) and isinstance(cli.model.quantizer, WeightQuantizer)
-        assert recipe.stem.startswith(type(cli.model.quantizer).__name__.lower())
+        quantizer = cli.model.quantizer
+        assert isinstance(cli.model, LayerwiseCalibration) and isinstance(quantizer, WeightQuantizer)
+        weights = quantizer.inner if isinstance(quantizer, AgileQuant) else quantizer  # W4A8: named by its weights
+        assert recipe.stem.startswith(type(weights).__name__.lower())
     assert all(line.strip().startswith("#") or "#" in line for line in recipe.read_text().splitlines()
                if line.strip() and not line.strip().endswith(":")), "every key is commented"

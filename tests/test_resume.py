@@ -59,12 +59,12 @@ def kill_at_random_moment(args, run_dir, run_time, cwd) -> None:
 
 
 # Fewer rounds and iterations than the debug recipes: resuming is what is tested, and 3 runs must stay quick.
-QUICK = {"gptq-tiny": [], "quip-tiny": [], "aqlm-tiny": ["--model.init_args.quantizer.init_args.max_rounds", "2",
+QUICK = {"gptq-tiny": [], "quip-tiny": [], "gptq-w4a8-tiny": [], "aqlm-tiny": ["--model.init_args.quantizer.init_args.max_rounds", "2",
                                         "--model.init_args.quantizer.init_args.kmeans_iters", "4"]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["gptq-tiny", "quip-tiny", "aqlm-tiny"])
+@pytest.mark.parametrize("recipe", ["gptq-tiny", "quip-tiny", "gptq-w4a8-tiny", "aqlm-tiny"])
 def test_calibration_killed_then_resumed_gives_identical_export(recipe, corpus, deep_model, tmp_path):
     kill_then_resume_matches(lambda run_dir, *extra: walk_args(
         corpus, run_dir, DEBUG / f"{recipe}.yaml", "--model.init_args.model", str(deep_model), *QUICK[recipe],

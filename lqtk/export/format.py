@@ -2,6 +2,7 @@
 
     config.json         the model's config plus
                         "quantization_config": {"quant_method": "lqtk", "format_version": 1,
+                                                "token_pruning": {...} (only with token pruning, lqtk.token_pruning),
                                                 "layers": {"model.layers.0.self_attn.q_proj":
                                                            {"method": "gptq", "format": "affine", "bits": 4,
                                                             "group_size": 128, "symmetric": false,
@@ -16,6 +17,7 @@
 its tensors (those of the decoder blocks only when they run, if lazy); `lqtk.models.load_causal_lm` calls it for any
 folder whose quant_method is "lqtk"."""
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ from lqtk.streaming import (
     open_streamed,
     save_sharded,
 )
+from lqtk.token_pruning import TokenPruning
 
 FORMAT_VERSION = 1
 
@@ -50,6 +53,8 @@ def save_quantized(model: PreTrainedModel, out: Path, max_shard_bytes: int = SHA
     layers = {name: m.layer_config() for name, m in quantized_layers(model).items()}
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": "lqtk", "format_version": FORMAT_VERSION, "layers": layers}
+    if getattr(model, "lqtk_token_pruning", None) is not None:
+        config["quantization_config"]["token_pruning"] = asdict(model.lqtk_token_pruning)
     type(model.config).from_dict(config).save_pretrained(out)
     save_sharded(model, out, max_shard_bytes)
 
@@ -67,4 +72,6 @@ def load_quantized(path: Path, config: PretrainedConfig, dtype: torch.dtype, laz
     model = unfuse_experts(empty_model(config, dtype))  # the structure it was saved in
     for name, layer in quant["layers"].items():
         set_submodule(model, name, meta_quantized_linear(files, name, layer))
+    if "token_pruning" in quant:
+        model.lqtk_token_pruning = TokenPruning(**quant["token_pruning"])
     return open_streamed(model, files, lazy, strict=True)

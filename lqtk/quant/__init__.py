@@ -1,5 +1,6 @@
 """Quantization methods as pure tensor code: no Lightning, no I/O."""
 
+from lqtk.quant.activations import ActivationQuantizedFormat, AgileQuant
 from lqtk.quant.affine import AffineFormat, AffineQuantizer
 from lqtk.quant.aqlm import AQLM, AQLMFormat
 from lqtk.quant.base import FORMATS, HessianAccumulator, QuantizedWeight, WeightFormat, WeightQuantizer
@@ -9,6 +10,7 @@ from lqtk.quant.leanquant import LeanQuant, LUTFormat
 from lqtk.quant.rtn import RTN
 
 __all__ = [
-    "AQLM", "FORMATS", "GPTQ", "RTN", "AQLMFormat", "AffineFormat", "AffineQuantizer", "IncoherentFormat",
+    "AQLM", "ActivationQuantizedFormat", "AgileQuant", "FORMATS", "GPTQ", "RTN", "AQLMFormat", "AffineFormat",
+    "AffineQuantizer", "IncoherentFormat",
     "LUTFormat", "LeanQuant", "QuIP", "QuantizedWeight", "WeightFormat", "WeightQuantizer", "HessianAccumulator",
 ]

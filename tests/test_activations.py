@@ -1,0 +1,127 @@
+"""Agile-Quant's activation quantization: per-token grids, TRIP factors, the calibration of both, the format, and a
+whole walk through the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import REPO
+from lqtk.errors import LqtkError
+from lqtk.quant import GPTQ, AgileQuant
+from lqtk.quant.activations import (
+    calibrate_inputs,
+    fake_quantize_input,
+    fake_quantize_tokens,
+    quantize_tokens,
+    trip_exponents,
+)
+from test_cli import recipe_args, run_lqtk
+
+RECIPE = str(REPO / "configs" / "debug" / "gptq-w4a8-tiny.yaml")
+
+
+def outlier_inputs(tokens=512, channels=96, outliers=(3, 40), size=60.0, seed=0):
+    """LLM-like inputs: most channels of unit size, a few channels tens of times larger in every token."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, channels, generator=gen)
+    x[:, list(outliers)] *= size
+    return x
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_token_round_trip_error_is_within_half_a_step(bits):
+    x = outlier_inputs() * torch.rand(512, 1) + 0.3  # tokens of different sizes, ranges not centred on 0
+    q, scale, zero = quantize_tokens(x, bits)
+    assert q.min() >= 0 and q.max() <= 2**bits - 1 and torch.equal(q, q.round())
+    assert ((fake_quantize_tokens(x, bits) - x).abs() <= scale / 2 * (1 + 1e-5)).all()
+    x[7] = 0
+    assert torch.equal(fake_quantize_tokens(x, bits)[7], x[7])  # an all-zero token is exact
+
+
+def test_clipping_bounds_the_range_and_keeps_the_error_inside_it():
+    x = outlier_inputs(size=5.0)
+    _, scale, _ = quantize_tokens(x, 8, clip=0.8)
+    clipped = fake_quantize_tokens(x, 8, clip=0.8)
+    assert (clipped.amax(1) <= 0.8 * x.amax(1) + scale[:, 0]).all()
+    inside = (x >= 0.8 * x.amin(1, keepdim=True)) & (x <= 0.8 * x.amax(1, keepdim=True))
+    assert ((clipped - x).abs()[inside] <= (scale / 2 * (1 + 1e-5)).expand_as(x)[inside]).all()
+
+
+def test_trip_factors_are_powers_of_two_and_folding_them_into_the_weights_changes_nothing():
+    x, w = outlier_inputs(), torch.randn(64, 96)
+    exponents = trip_exponents(x.abs().amax(0), threshold=4.0, max_exponent=4)
+    assert exponents.dtype == torch.int8 and exponents.min() >= 0 and exponents.max() <= 4
+    assert exponents[3] == 4 and exponents[40] == 4 and exponents.sum() < 96 * 1.5  # the outliers get the largest
+    factors = torch.exp2(exponents.float())
+    assert torch.equal(torch.log2(factors), exponents.float())
+    assert torch.equal(F.linear(x / factors, w * factors), F.linear(x, w))  # exact: scaling by 2^α is exact
+    # the quantized path as the integer kernels run it: Q_t(x ⊘ 2^α) against the folded weight
+    assert torch.equal(F.linear(fake_quantize_tokens(x / factors, 8), w * factors),
+                       F.linear(fake_quantize_input(x, 8, 1.0, exponents), w))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_calibrated_trip_and_clipping_lower_the_output_error(bits):
+    x, w = outlier_inputs(), torch.randn(64, 96)
+
+    def error(clip, exponents):
+        return (F.linear(fake_quantize_input(x, bits, clip, exponents) - x, w)).square().sum().item()
+
+    clip, exponents = calibrate_inputs(x, w, bits, [1.0, 0.9, 0.8], trip=True, max_exponent=4)
+    assert exponents is not None and exponents[3] > 0 and exponents[40] > 0
+    assert error(clip, exponents) < 0.5 * error(1.0, None)  # the outliers no longer set every token's step
+    plain_clip, plain = calibrate_inputs(x, w, bits, [1.0, 0.9, 0.8], trip=False, max_exponent=4)
+    assert plain is None and error(plain_clip, None) <= error(1.0, None)
+
+
+def test_agile_quant_wraps_the_weight_method_and_quantizes_the_inputs_at_run_time():
+    x, weights = outlier_inputs(), [torch.randn(48, 96), torch.randn(32, 96)]
+    hessian = 2 * x.T @ x / len(x)
+    inner = GPTQ(bits=4, group_size=32).quantize_shared(weights, hessian)
+    for bits, trip in [(8, False), (8, True), (4, True)]:
+        layers = AgileQuant(inner=GPTQ(bits=4, group_size=32), bits=bits, trip=trip).quantize_shared(
+            weights, hessian, inputs=x[::2])
+        for layer, weight_only in zip(layers, inner):
+            assert layer.format == "act_quant" and layer.spec["act_bits"] == bits
+            assert torch.equal(layer.dequantize(), weight_only.dequantize())  # the weights are GPTQ's
+            from lqtk.quant import FORMATS
+            y = FORMATS[layer.format].linear(x, layer.tensors, layer.spec, None)
+            exponents = layer.tensors.get("input_exponents")
+            assert ("input_exponents" in layer.tensors) == trip
+            expected = F.linear(fake_quantize_input(x, bits, layer.spec["clip"], exponents), weight_only.dequantize())
+            assert torch.equal(y, expected)
+    with pytest.raises(LqtkError, match="sample of the layer's inputs"):
+        AgileQuant().quantize(weights[0], hessian)
+    with pytest.raises(LqtkError, match="clip_ratios"):
+        AgileQuant(clip_ratios=[1.5])
+
+
+def test_w4a8_walk_with_token_pruning_exports_reloads_and_evaluates(corpus, tmp_path):
+    """calibrate → export (reload-and-compare check) → evaluate, with the inputs quantized in every forward; the
+    export records its token pruning, so `lqtk evaluate` scores the same positions as the phase's evaluation."""
+    run_dir = tmp_path / "run"
+    proc = run_lqtk(*recipe_args(corpus, run_dir, "--trainer.enable_progress_bar", "false",
+                                 "--export.token_pruning.start_layer", "1", "--export.token_pruning.keep_ratio", "0.5",
+                                 recipe=RECIPE), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["method"] == "agile_quant_a8"
+    assert 1 < metrics["perplexity"] < 2 * metrics["fp_perplexity"]
+    windows = metrics["tokens"] // 32  # 32 of each window's 63 predicted positions are kept
+    assert metrics["tokens"] == windows * 32 and windows > 10
+    tensors = load_file(run_dir / "model" / "model.safetensors")
+    exponents = [t for name, t in tensors.items() if name.endswith("input_exponents")]
+    assert exponents and all(t.dtype == torch.int8 for t in exponents)
+    quantization = json.loads((run_dir / "model" / "config.json").read_text())["quantization_config"]
+    assert {layer["format"] for layer in quantization["layers"].values()} == {"act_quant"}
+    assert quantization["token_pruning"] == {"start_layer": 1, "keep_ratio": 0.5, "recent": 16}
+    proc = run_lqtk("evaluate", "--model", str(run_dir / "model"), "--text", str(corpus["evaluation"]),
+                    "--seq-len", "64", "--output", str(tmp_path / "eval.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["tokens"] == metrics["tokens"]
+    assert math.isclose(evaluation["perplexity"], metrics["perplexity"], rel_tol=1e-5)
