@@ -58,9 +58,10 @@ def kill_at_random_moment(args, run_dir, run_time, cwd) -> None:
     print("killed before the export was complete" if not (run_dir / "model").exists() else "killed after the end")
 
 
-# Fewer rounds and iterations than the debug recipes: resuming is what is tested, and 3 runs must stay quick.
-QUICK = {"gptq-tiny": [], "quip-tiny": [], "gptq-w4a8-tiny": [], "aqlm-tiny": ["--model.init_args.quantizer.init_args.max_rounds", "2",
-                                        "--model.init_args.quantizer.init_args.kmeans_iters", "4"]}
+# Fewer rounds and iterations than the debug recipes: resuming is what is tested, and 4 runs must stay quick.
+QUICK = {"gptq-tiny": [], "quip-tiny": [], "gptq-w4a8-tiny": [],
+         "aqlm-tiny": ["--model.init_args.quantizer.init_args.max_rounds", "2",
+                       "--model.init_args.quantizer.init_args.kmeans_iters", "4"]}
 
 
 @pytest.mark.slow

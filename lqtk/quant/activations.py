@@ -119,8 +119,9 @@ class AgileQuant(WeightQuantizer):
     """Bits per activation code: 8 or 4 (2 to 8 accepted)."""
     trip: bool = False
     """Give outlier input channels power-of-two factors (TRIP)."""
-    max_exponent: int = 3
-    """Largest TRIP exponent α (factor 2^α): 3 keeps (q − z)·2^α of 4-bit weight codes within int8."""
+    max_exponent: int = 2
+    """Largest TRIP exponent α (factor 2^α): 2 keeps (q − z)·2^α of 4-bit weight codes within ±64, where the
+    integer kernels cannot saturate (lqtk.quant.int_matmul)."""
     clip_ratios: list[float] = field(default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8, 0.75])
     """Clipping ratios of the token range tried per layer (1: no clipping)."""
     input_sample_rows: int = 1024
