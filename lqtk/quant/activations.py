@@ -26,27 +26,23 @@ import torch
 from lqtk.errors import LqtkError
 from lqtk.quant.base import FORMATS, QuantizedWeight, WeightFormat, WeightQuantizer, register_format
 from lqtk.quant.gptq import GPTQ
+from lqtk.quant.primitives import fake_quantize, quantize_affine, range_qparams
 
 
 def token_qparams(x: torch.Tensor, bits: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (..., 1) of each token (row along the last dim) of x: asymmetric, over the token's range
-    including 0, times `clip`."""
-    low = x.amin(-1, keepdim=True).clamp(max=0) * clip
-    high = x.amax(-1, keepdim=True).clamp(min=0) * clip
-    scale = (high - low) / (2**bits - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero token is exact with any scale
-    return scale, torch.round(-low / scale)
+    """Scale and zero point (..., 1) of each token (row along the last dim) of x: the affine grid of the token's range
+    including 0, times `clip` (`range_qparams`, one group per token)."""
+    return range_qparams(x.amin(-1, keepdim=True) * clip, x.amax(-1, keepdim=True) * clip, bits, symmetric=False)
 
 
 def quantize_tokens(x: torch.Tensor, bits: int, clip: float = 1.0):
     """Codes (uint8 values in fp32), scales and zero points of per-token quantization."""
     scale, zero = token_qparams(x, bits, clip)
-    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1), scale, zero
+    return quantize_affine(x, scale, zero, bits), scale, zero
 
 
 def fake_quantize_tokens(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
-    q, scale, zero = quantize_tokens(x, bits, clip)
-    return (q - zero) * scale
+    return fake_quantize(x, *token_qparams(x, bits, clip), bits)
 
 
 def trip_exponents(channel_max: torch.Tensor, threshold: float, max_exponent: int) -> torch.Tensor:

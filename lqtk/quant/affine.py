@@ -32,7 +32,7 @@ class AffineFormat(WeightFormat):
     def dequantize(self, tensors: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
         def decode(rows):
             q = unpack_bits(rows["qweight"], spec["bits"], spec["shape"][1])
-            scale, zero = self._per_weight(rows, spec, q)
+            scale, zero = self.per_weight(rows, spec, q)
             return (q - zero) * scale
         return decode_by_rows(decode, tensors, spec["shape"])
 
@@ -40,14 +40,14 @@ class AffineFormat(WeightFormat):
         """Each weight's nearest grid point is found by rounding; the weights whose change gains most are taken."""
         bits, (_, in_features) = spec["bits"], spec["shape"]
         q = unpack_bits(tensors["qweight"], bits, in_features)
-        scale, zero = self._per_weight(tensors, spec, q)
+        scale, zero = self.per_weight(tensors, spec, q)
         current = (q - zero) * scale
         proposed = torch.clamp(torch.round(target / scale) + zero, 0, 2**bits - 1)
         gain = (current - target).square() - ((proposed - zero) * scale - target).square()
         q = torch.where(largest_gains(gain, max_change), proposed.to(q.dtype), q)
         return {name: t for name, t in tensors.items() if not t.is_floating_point()} | {"qweight": pack_bits(q, bits)}
 
-    def _per_weight(self, tensors, spec, q):
+    def per_weight(self, tensors, spec, q):
         """Scale and zero point of every weight (O, I)."""
         bits, (_, in_features) = spec["bits"], spec["shape"]
         scales = tensors["scales"].float()

@@ -15,6 +15,7 @@ runs one oneDNN call per group, which is correct but, with the library kernels, 
 import torch
 
 from lqtk.errors import LqtkError
+from lqtk.quant.base import FORMATS
 from lqtk.quant.primitives import unpack_bits
 
 SATURATION_FREE = 64
@@ -35,16 +36,13 @@ def integer_weight(tensors: dict[str, torch.Tensor], spec: dict) -> tuple[torch.
     inner = spec["inner"]
     if spec["inner_format"] != "affine":
         raise LqtkError(f"integer compute needs affine weight codes, not {spec['inner_format']!r}")
-    bits, (_, in_features) = inner["bits"], inner["shape"]
-    codes = unpack_bits(tensors["qweight"], bits, in_features)
-    scales = tensors["scales"].float()
-    zeros = unpack_bits(tensors["zeros"], bits, scales.shape[1]) if "zeros" in tensors else \
-        torch.full_like(scales, 2 ** (bits - 1), dtype=torch.int64)
-    group = torch.arange(in_features) // (inner["group_size"] or in_features)
-    weight = codes - zeros[:, group]
+    affine = FORMATS["affine"]
+    codes = unpack_bits(tensors["qweight"], inner["bits"], inner["shape"][1])
+    _, zeros = affine.per_weight(tensors, inner, codes)
+    weight = (codes - zeros).long()
     if "input_exponents" in tensors:
         weight = weight << tensors["input_exponents"].long()
-    return weight, scales
+    return weight, tensors["scales"].float()
 
 
 def pack_weight(weight: torch.Tensor, tokens: int) -> torch.Tensor:
