@@ -1,8 +1,8 @@
 """`QuantizedLinear`: an nn.Linear replacement that holds a `QuantizedWeight` and decodes it in forward.
 
 Floating-point tensors of the weight (scales, codebooks) are frozen nn.Parameters, so a fine-tuning phase can
-train them by flipping `requires_grad`; integer codes are buffers. Fast kernels will plug in behind the format's
-`linear`, so callers never change."""
+train them by flipping `requires_grad`; integer codes are buffers. The format's `linear` runs the matmul, with the
+layer's cache of the decoded weight (a wrapping format's inner one) while its tensors are frozen."""
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self.tensors()
-        decode_then_matmul = type(FORMATS[self.format]).linear is WeightFormat.linear
         if self.weight_grad is not None and torch.is_grad_enabled():
-            if not decode_then_matmul:
+            if type(FORMATS[self.format]).linear is not WeightFormat.linear:
                 raise LqtkError(f"the {self.format!r} format computes its matmul without a decoded weight: it has no "
                                 "∂L/∂Ŵ for PV-tuning")
             weight = FORMATS[self.format].dequantize(tensors, self.spec)
@@ -50,19 +49,18 @@ class QuantizedLinear(nn.Module):
                 weight.requires_grad_()
             weight.register_hook(self._add_weight_grad)
             return F.linear(x, weight.to(x.dtype), self.bias)
-        if decode_then_matmul and not any(t.requires_grad for t in tensors.values()):
-            return F.linear(x, self._cached_dense(tensors).to(x.dtype), self.bias)
-        return FORMATS[self.format].linear(x, tensors, self.spec, self.bias)
+        frozen = not any(t.requires_grad for t in tensors.values())
+        return FORMATS[self.format].linear(x, tensors, self.spec, self.bias, self._cached if frozen else None)
 
     def _add_weight_grad(self, grad: torch.Tensor) -> None:
         self.weight_grad.add_(grad)
 
-    def _cached_dense(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The decoded weight, reused while no tensor changed (calibration and evaluation run many batches
-        through the same frozen layer; decoding packed codes each time would dominate). Training bypasses it."""
-        key = tuple((t.data_ptr(), t._version) for t in tensors.values())
+    def _cached(self, decode) -> torch.Tensor:
+        """decode()'s result (the decoded weight, or a wrapped format's inner one), reused while no tensor changed:
+        decoding packed codes for every batch would dominate calibration and evaluation. Training bypasses it."""
+        key = tuple((t.data_ptr(), t._version) for t in self.tensors().values())
         if self._dense is None or self._dense[0] != key:
-            self._dense = (key, FORMATS[self.format].dequantize(tensors, self.spec))
+            self._dense = (key, decode())
         return self._dense[1]
 
     def drop_decoded(self) -> None:

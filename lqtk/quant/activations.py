@@ -96,9 +96,9 @@ class ActivationQuantizedFormat(WeightFormat):
     def dequantize(self, tensors, spec):
         return FORMATS[spec["inner_format"]].dequantize(self._inner(tensors), spec["inner"])
 
-    def linear(self, x, tensors, spec, bias):
+    def linear(self, x, tensors, spec, bias, cache=None):
         x = fake_quantize_input(x, spec["act_bits"], spec["clip"], tensors.get("input_exponents"))
-        return FORMATS[spec["inner_format"]].linear(x, self._inner(tensors), spec["inner"], bias)
+        return FORMATS[spec["inner_format"]].linear(x, self._inner(tensors), spec["inner"], bias, cache)
 
     @staticmethod
     def _inner(tensors):

@@ -6,6 +6,7 @@ named tensors plus a JSON-able `spec` that tells its storage `format` how to tur
 how to run the matmul directly). New methods add a format with `register_format` and need no change elsewhere.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,8 +25,13 @@ class WeightFormat:
     def dequantize(self, tensors: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def linear(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], spec: dict, bias: torch.Tensor | None):
-        return F.linear(x, self.dequantize(tensors, spec).to(x.dtype), bias)
+    def linear(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], spec: dict, bias: torch.Tensor | None,
+               cache: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
+        """x Ŵᵀ + b by decoding Ŵ. `cache(decode)`, the layer's, returns decode()'s result kept while its tensors
+        do not change (calibration and evaluation run many batches through a frozen layer); formats that wrap another
+        pass it on to the inner format's `linear`."""
+        decode = functools.partial(self.dequantize, tensors, spec)
+        return F.linear(x, (cache(decode) if cache else decode()).to(x.dtype), bias)
 
     def nearest_codes(self, tensors: dict[str, torch.Tensor], spec: dict, target: torch.Tensor, max_change: float,
                       beam_size: int) -> dict[str, torch.Tensor]:

@@ -104,12 +104,12 @@ class IncoherentFormat(WeightFormat):
         w = rotate(rotate(w, seed_v, transpose=True).T, seed_u, transpose=True).T  # Uᵀ Ŵ̃ V
         return w / tensors["input_scales"].float() if "input_scales" in tensors else w
 
-    def linear(self, x, tensors, spec, bias):
+    def linear(self, x, tensors, spec, bias, cache=None):
         inner, (seed_u, seed_v) = self._inner(tensors), tensors["seeds"].tolist()
         if "input_scales" in tensors:
             x = x / tensors["input_scales"].to(x.dtype)
         x = rotate(x, seed_v).to(x.dtype)
-        y = FORMATS[spec["inner_format"]].linear(x, inner, spec["inner"], None)
+        y = FORMATS[spec["inner_format"]].linear(x, inner, spec["inner"], None, cache)
         y = rotate(y, seed_u, transpose=True).to(y.dtype)
         return y if bias is None else y + bias
 
