@@ -3,9 +3,10 @@
     .venv/bin/python scripts/bench_actquant.py [--json FILE] [--update-readme]
 
 GEMMs at prefill sizes (512 and 2048 tokens) for the reference model's shapes and a 4096 x 4096 layer: a W4A8 layer
-(4-bit codes, TRIP exponents ≤ 2) computed in integers (lqtk.quant.int_matmul: per-token uint8 codes of the input,
-int32 accumulation in oneDNN's u8×s8 kernels, then the scales), per output channel and per group of 128, each time
-including the run-time quantization of the input; the baseline is F.linear with the fp32 weight. Then prefill of the
+computed in integers (lqtk.kernels.int_gemm: per-token uint8 codes of the input, exact int32 sums, then the scales, in
+one call), per output channel and per group of 128, each time including the run-time quantization of the input, for
+plain 4-bit weights (|q − z| ≤ 15) and weights widened by TRIP factors (|(q − z)·2^α| ≤ 60, which need the kernel's
+slower int16 chain); the baseline is F.linear with the fp32 weight. Then prefill of the
 reference model (fp32, 8 windows of 512 tokens of the evaluation text, the block-by-block forward of the
 evaluation) without pruning and with 25% and 50% of the tokens pruned from block 10 on. Times are the median of
 several runs after a warm-up; --json writes one record per GEMM (kernel, shape, tokens, time_s, baseline_time_s,
@@ -21,9 +22,8 @@ import torch.nn.functional as F
 from readme_section import update_readme_section
 
 from lqtk.data import TextDataModule
+from lqtk.kernels import int_gemm
 from lqtk.models import load_causal_lm
-from lqtk.quant.activations import quantize_tokens
-from lqtk.quant.int_matmul import grouped_linear, int_linear, pack_weight
 from lqtk.streaming import final_hidden_states
 from lqtk.token_pruning import PruningRun, TokenPruning
 
@@ -46,33 +46,21 @@ def gemm_records() -> list[dict]:
     torch.manual_seed(0)
     records = []
     for out_features, in_features in SHAPES:
-        weight = torch.randint(-60, 61, (out_features, in_features))  # (q − z)·2^α of 4-bit codes
-        channel_scale = torch.rand(out_features) * 1e-2
-        group_scales = torch.rand(out_features, -(-in_features // GROUP)) * 1e-2  # a shorter last group of 576
-        dense = (weight * group_scales[:, torch.arange(in_features) // GROUP]).float()
-        groups = weight.split(GROUP, dim=1)
-        group_sums = torch.stack([g.sum(1) for g in groups], 1).float()
-        for tokens in TOKENS:
-            x = torch.randn(tokens, in_features)
-            packed = pack_weight(weight, tokens)
-            packed_groups = [pack_weight(g, tokens) for g in groups]
-            weight_sum = weight.sum(1).float()
-
-            def per_channel():
-                codes, scale, zero = quantize_tokens(x, 8)
-                return int_linear(codes.to(torch.uint8), scale, zero, packed, channel_scale, weight_sum)
-
-            def per_group():
-                codes, scale, zero = quantize_tokens(x, 8)
-                return grouped_linear(codes.to(torch.uint8), scale, zero, packed_groups, group_scales, group_sums,
-                                      GROUP)
-
-            baseline = median_time(lambda: F.linear(x, dense))
-            for kernel, fn in [("w4a8 int8 per-channel", per_channel), (f"w4a8 int8 g{GROUP}", per_group)]:
-                elapsed = median_time(fn)
-                records.append({"kernel": kernel, "shape": [out_features, in_features], "tokens": tokens,
-                                "time_s": elapsed, "baseline_time_s": baseline, "speedup": baseline / elapsed})
-                print(json.dumps(records[-1]), flush=True)
+        for max_abs, weights in [(15, "4-bit codes"), (60, "TRIP α ≤ 2")]:
+            weight = torch.randint(-max_abs, max_abs + 1, (out_features, in_features))  # (q − z)·2^α
+            for group_size in [None, GROUP]:
+                scales = torch.rand(out_features, 1 if group_size is None else -(-in_features // GROUP)) * 1e-2
+                columns = torch.arange(in_features) // (group_size or in_features)  # a shorter last group of 576
+                dense = (weight * scales[:, columns]).float()
+                packed = int_gemm.pack_w4(weight, group_size)
+                for tokens in TOKENS:
+                    x = torch.randn(tokens, in_features)
+                    baseline = median_time(lambda: F.linear(x, dense))
+                    elapsed = median_time(lambda: int_gemm.w4a8_linear(x, packed, scales))
+                    kernel = f"w4a8 {'per-channel' if group_size is None else f'g{group_size}'}, {weights}"
+                    records.append({"kernel": kernel, "shape": [out_features, in_features], "tokens": tokens,
+                                    "time_s": elapsed, "baseline_time_s": baseline, "speedup": baseline / elapsed})
+                    print(json.dumps(records[-1]), flush=True)
     return records
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from lqtk.errors import LqtkError
-from lqtk.quant import GPTQ, AgileQuant
+from lqtk.quant import FORMATS, GPTQ, AgileQuant, QuIP
 from lqtk.quant.activations import (
     calibrate_inputs,
     fake_quantize_input,
@@ -19,6 +19,7 @@ from lqtk.quant.activations import (
     quantize_tokens,
     trip_exponents,
 )
+from lqtk.quant.incoherence import layer_seeds, rotate
 from test_cli import recipe_args, run_lqtk
 
 RECIPE = str(REPO / "configs" / "debug" / "gptq-w4a8-tiny.yaml")
@@ -78,7 +79,8 @@ def test_calibrated_trip_and_clipping_lower_the_output_error(bits):
     assert plain is None and error(plain_clip, None) <= error(1.0, None)
 
 
-def test_agile_quant_wraps_the_weight_method_and_quantizes_the_inputs_at_run_time():
+def test_agile_quant_wraps_the_weight_method_and_quantizes_the_inputs_at_run_time(monkeypatch):
+    monkeypatch.setenv("LQTK_KERNELS", "off")  # the float path (the integer kernel's is tests/test_int_gemm.py)
     x, weights = outlier_inputs(), [torch.randn(48, 96), torch.randn(32, 96)]
     hessian = 2 * x.T @ x / len(x)
     inner = GPTQ(bits=4, group_size=32).quantize_shared(weights, hessian)
@@ -88,7 +90,6 @@ def test_agile_quant_wraps_the_weight_method_and_quantizes_the_inputs_at_run_tim
         for layer, weight_only in zip(layers, inner):
             assert layer.format == "act_quant" and layer.spec["act_bits"] == bits
             assert torch.equal(layer.dequantize(), weight_only.dequantize())  # the weights are GPTQ's
-            from lqtk.quant import FORMATS
             y = FORMATS[layer.format].linear(x, layer.tensors, layer.spec, None)
             exponents = layer.tensors.get("input_exponents")
             assert ("input_exponents" in layer.tensors) == trip
@@ -125,3 +126,27 @@ def test_w4a8_walk_with_token_pruning_exports_reloads_and_evaluates(corpus, tmp_
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert evaluation["tokens"] == metrics["tokens"]
     assert math.isclose(evaluation["perplexity"], metrics["perplexity"], rel_tol=1e-5)
+
+
+def test_rotated_inputs_quip_around_agile_quant_calibrates_on_the_transformed_inputs_and_beats_trip_at_4_bits():
+    x, w = outlier_inputs(channels=128), torch.randn(64, 128)
+    hessian = 2 * x.T @ x / len(x)
+    weights_only = GPTQ(bits=8, group_size=32, act_order=False)  # fine weights: the activation error dominates
+    rotated = QuIP(inner=AgileQuant(inner=weights_only, bits=4, trip=True)).quantize_shared([w], hessian,
+                                                                                              inputs=x[::2])[0]
+    layer = rotated.tensors
+    scales = layer["input_scales"].float()
+    inner_inputs = rotate(x / scales, layer_seeds(0, w)[1])  # what the layer's inner act_quant format reads
+    spec = rotated.spec["inner"]
+    assert rotated.format == "incoherent" and rotated.spec["inner_format"] == "act_quant"
+    # the clipping ratio and TRIP factors were chosen on those transformed inputs
+    clip, exponents = calibrate_inputs(inner_inputs[::2], FORMATS["act_quant"].dequantize(layer, spec), 4,
+                                       AgileQuant().clip_ratios, True, 2)
+    assert spec["clip"] == clip and torch.equal(layer.get("input_exponents", torch.zeros(0)),
+                                                torch.zeros(0) if exponents is None else exponents)
+    plain = AgileQuant(inner=weights_only, bits=4, trip=True).quantize_shared([w], hessian, inputs=x[::2])[0]
+    exact = F.linear(x, w)
+
+    def error(q):
+        return (FORMATS[q.format].linear(x, q.tensors, q.spec, None) - exact).square().sum().item()
+    assert error(rotated) < 0.5 * error(plain)  # the rotation spreads the outlier channels over all channels

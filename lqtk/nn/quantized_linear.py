@@ -24,7 +24,7 @@ class QuantizedLinear(nn.Module):
             else:
                 self.register_buffer(name, tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._dense: tuple[tuple, torch.Tensor] | None = None  # (tensor versions, decoded weight)
+        self._decoded_key, self._decoded = None, {}  # tensor versions, and what `_cached` kept for them
         self.weight_grad: torch.Tensor | None = None  # when set, training forwards add ∂L/∂Ŵ to it (PV-tuning)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -55,17 +55,20 @@ class QuantizedLinear(nn.Module):
     def _add_weight_grad(self, grad: torch.Tensor) -> None:
         self.weight_grad.add_(grad)
 
-    def _cached(self, decode) -> torch.Tensor:
-        """decode()'s result (the decoded weight, or a wrapped format's inner one), reused while no tensor changed:
-        decoding packed codes for every batch would dominate calibration and evaluation. Training bypasses it."""
+    def _cached(self, name: str, decode):
+        """decode()'s result under `name` (the decoded weight, a wrapped format's inner one, a kernel's packing),
+        reused while no tensor changed: decoding packed codes for every batch would dominate calibration and
+        evaluation. Training bypasses it."""
         key = tuple((t.data_ptr(), t._version) for t in self.tensors().values())
-        if self._dense is None or self._dense[0] != key:
-            self._dense = (key, decode())
-        return self._dense[1]
+        if self._decoded_key != key:
+            self._decoded_key, self._decoded = key, {}
+        if name not in self._decoded:
+            self._decoded[name] = decode()
+        return self._decoded[name]
 
     def drop_decoded(self) -> None:
         """Forget the decoded weight: a streamed block frees it with the block (lqtk.streaming)."""
-        self._dense = None
+        self._decoded_key, self._decoded = None, {}
 
     def _apply(self, fn, recurse=True):
         self.drop_decoded()  # a decoded copy must not outlive a move to another device or dtype

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lqtk.errors import LqtkError
+from lqtk.kernels.dispatch import kernel_linear
 from lqtk.quant.base import FORMATS, QuantizedWeight, WeightFormat, WeightQuantizer, register_format
 from lqtk.quant.gptq import GPTQ
 from lqtk.quant.primitives import fake_quantize, quantize_affine, range_qparams
@@ -97,6 +98,11 @@ class ActivationQuantizedFormat(WeightFormat):
         return FORMATS[spec["inner_format"]].dequantize(self._inner(tensors), spec["inner"])
 
     def linear(self, x, tensors, spec, bias, cache=None):
+        """In integers where a kernel runs (8-bit inputs over affine 4-bit weights on the CPU: lqtk.kernels.int_gemm),
+        else the fake-quantized input through the inner format (the same result up to fp32 rounding)."""
+        y = kernel_linear(self.name, x, tensors, spec, cache)
+        if y is not None:
+            return y if bias is None else y + bias
         x = fake_quantize_input(x, spec["act_bits"], spec["clip"], tensors.get("input_exponents"))
         return FORMATS[spec["inner_format"]].linear(x, self._inner(tensors), spec["inner"], bias, cache)
 
@@ -117,7 +123,7 @@ class AgileQuant(WeightQuantizer):
     """Give outlier input channels power-of-two factors (TRIP)."""
     max_exponent: int = 2
     """Largest TRIP exponent α (factor 2^α): 2 keeps (q − z)·2^α of 4-bit weight codes within ±64, where the
-    integer kernels cannot saturate (lqtk.quant.int_matmul)."""
+    integer kernels cannot saturate (lqtk.kernels.int_gemm)."""
     clip_ratios: list[float] = field(default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8, 0.75])
     """Clipping ratios of the token range tried per layer (1: no clipping)."""
     input_sample_rows: int = 1024

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lqtk.errors import LqtkError
+from lqtk.kernels.dispatch import kernel_linear
 
 
 class WeightFormat:
@@ -26,12 +27,16 @@ class WeightFormat:
         raise NotImplementedError
 
     def linear(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], spec: dict, bias: torch.Tensor | None,
-               cache: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
-        """x Ŵᵀ + b by decoding Ŵ. `cache(decode)`, the layer's, returns decode()'s result kept while its tensors
-        do not change (calibration and evaluation run many batches through a frozen layer); formats that wrap another
-        pass it on to the inner format's `linear`."""
+               cache: Callable[[str, Callable], object] | None = None) -> torch.Tensor:
+        """x Ŵᵀ + b: by a kernel reading the stored tensors where one applies (lqtk.kernels.dispatch), else by
+        decoding Ŵ. `cache(name, decode)`, the layer's, returns decode()'s result kept under `name` while its tensors
+        do not change (calibration and evaluation run many batches through a frozen layer); formats that wrap
+        another pass it on to the inner format's `linear`."""
+        y = kernel_linear(self.name, x, tensors, spec, cache)
+        if y is not None:
+            return y if bias is None else y + bias
         decode = functools.partial(self.dequantize, tensors, spec)
-        return F.linear(x, (cache(decode) if cache else decode()).to(x.dtype), bias)
+        return F.linear(x, (cache("weight", decode) if cache else decode()).to(x.dtype), bias)
 
     def nearest_codes(self, tensors: dict[str, torch.Tensor], spec: dict, target: torch.Tensor, max_change: float,
                       beam_size: int) -> dict[str, torch.Tensor]:

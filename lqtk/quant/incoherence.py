@@ -134,22 +134,37 @@ class QuIP(WeightQuantizer):
             hadamard_factors(n)
         self.inner.check_fits(shape)
 
+    @property
+    def input_sample_rows(self) -> int:
+        """The inner method's (activation quantization calibrates on the transformed inputs)."""
+        return self.inner.input_sample_rows
+
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None, progress=None) -> QuantizedWeight:
+        return self.quantize_shared([weight], hessian, progress)[0]
+
+    def quantize_shared(self, weights, hessian, progress=None, inputs=None) -> list[QuantizedWeight]:
+        """One by one: every Linear has its own transforms (seeded by its weight). The input sample, if any, goes
+        through the layer's input transform x ↦ V S⁻¹ x, so the inner method sees the inputs its weight will read."""
         if hessian is None:
             raise ValueError("QuIP needs the calibration Hessian of the layer's inputs")
+        return [self._quantize_one(weight, hessian, progress, inputs) for weight in weights]
+
+    def _quantize_one(self, weight, hessian, progress, inputs) -> QuantizedWeight:
         w, h = weight.float(), hessian.float()
         tensors = {}
         if self.rescale:
             scales = input_scales(w, h).half().float()  # as stored, so that the layer divides by what W was scaled by
             w, h = w * scales, h / scales[:, None] / scales
             tensors["input_scales"] = scales.half()
+            inputs = None if inputs is None else inputs.float() / scales
         seed_u, seed_v = layer_seeds(self.seed, weight)
         w = rotate(rotate(w, seed_v).T, seed_u).T  # U W Vᵀ
         h = rotate(rotate(h, seed_v).T, seed_v)  # V H Vᵀ (H is symmetric)
-        inner = self.inner.quantize(w, h, progress)
+        inputs = None if inputs is None else rotate(inputs, seed_v)
+        inner = self.inner.quantize_shared([w], h, progress, inputs=inputs)[0]
         tensors |= inner.tensors | {"seeds": torch.tensor([seed_u, seed_v], dtype=torch.int64)}
         spec = {"inner_format": inner.format, "inner": inner.spec, "shape": list(weight.shape)}
-        return QuantizedWeight("quip", IncoherentFormat.name, spec, tensors)
+        return QuantizedWeight("quip", IncoherentFormat.name, spec, tensors, inner.history)
 
 
 def input_scales(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

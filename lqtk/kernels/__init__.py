@@ -1,0 +1,1 @@
+"""Fast matmul kernels for quantized weight formats."""
