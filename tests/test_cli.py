@@ -157,3 +157,19 @@ def test_help_lists_every_command_and_only_those(capsys):
 
 def test_lightning_commands_a_phase_does_not_support_are_refused(capsys):
     fails_with(capsys, ["validate", "--config", "configs/debug/gptq-tiny.yaml"], "unknown command 'validate'")
+
+
+def test_plain_transformers_loads_the_export_after_import_lqtk(debug_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lqtk  # noqa: F401  (registers the "lqtk" quant_method with transformers)
+    from lqtk.models import load_causal_lm
+    from lqtk.nn import QuantizedLinear
+
+    loaded = AutoModelForCausalLM.from_pretrained(debug_run / "model", dtype=torch.float32).eval()
+    ours = load_causal_lm(debug_run / "model")
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ours(ids).logits)

@@ -1,0 +1,64 @@
+"""lqtk exports in plain transformers: after `import lqtk`, `AutoModelForCausalLM.from_pretrained(export_dir)` loads an
+lqtk export (quant_method "lqtk", `lqtk.export.format`) with its `QuantizedLinear`s, through transformers' quantizer
+registry, so users need no lqtk-specific loader.
+
+Before the weights load, the quantizer puts a `QuantizedLinear` on the meta device in place of every Linear that the
+export's `quantization_config["layers"]` lists, with the names, shapes and dtypes of the tensors the export stores
+for it (read from the safetensors headers); transformers then loads those tensors by name as it loads any other."""
+
+from pathlib import Path
+
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from lqtk.errors import LqtkError
+from lqtk.moe import unfuse_experts
+from lqtk.nn import set_submodule
+from lqtk.streaming import WeightFiles, meta_quantized_linear
+from lqtk.token_pruning import TokenPruning
+
+
+@register_quantization_config("lqtk")
+class LqtkConfig(QuantizationConfigMixin):
+    """An lqtk export's `quantization_config`: the format version, each quantized Linear's `layer_config()`, and
+    the token pruning it runs with (if any)."""
+
+    def __init__(self, format_version: int, layers: dict, token_pruning: dict | None = None, **kwargs):
+        self.quant_method = "lqtk"
+        self.format_version, self.layers, self.token_pruning = format_version, layers, token_pruning
+
+    def to_dict(self) -> dict:
+        config = {"quant_method": "lqtk", "format_version": self.format_version, "layers": self.layers}
+        return config | ({"token_pruning": self.token_pruning} if self.token_pruning else {})
+
+
+@register_quantizer("lqtk")
+class LqtkHfQuantizer(HfQuantizer):
+    """Loads lqtk exports (pre-quantized only: quantizing goes through `lqtk fit`)."""
+
+    requires_calibration = True
+
+    def validate_environment(self, *args, **kwargs):
+        from lqtk.export.format import FORMAT_VERSION
+
+        if self.quantization_config.format_version != FORMAT_VERSION:
+            raise LqtkError(f"the model is lqtk format version {self.quantization_config.format_version}; this lqtk "
+                            f"reads version {FORMAT_VERSION}: install the lqtk that wrote it")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not checkpoint_files:
+            raise LqtkError("an lqtk export loads from its folder of safetensors files")
+        files = WeightFiles(Path(checkpoint_files[0]).parent)
+        unfuse_experts(model)  # the structure the export was saved in: one Linear per expert
+        for name, layer in self.quantization_config.layers.items():
+            set_submodule(model, name, meta_quantized_linear(files, name, layer))
+        if self.quantization_config.token_pruning:
+            model.lqtk_token_pruning = TokenPruning(**self.quantization_config.token_pruning)
+
+    def is_serializable(self):
+        return False  # `lqtk export` / ExportQuantized write this format; save_pretrained would not record it
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
