@@ -13,9 +13,7 @@ from lqtk.nn import QuantizedLinear
 from lqtk.quant import FORMATS, GPTQ, AgileQuant
 from lqtk.quant.activations import fake_quantize_input, fake_quantize_tokens, quantize_tokens
 
-# built at collection, before conftest points LQTK_CACHE at a throwaway folder: the extension is compiled once into
-# the user's cache, not once per session
-BUILT = int_gemm.available()
+BUILT = int_gemm.available()  # compiled once into lqtk.kernels.build_directory(), shared by every run
 
 
 def test_the_extension_builds():

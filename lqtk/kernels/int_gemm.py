@@ -1,7 +1,7 @@
 """W4A8 layers computed in integers on AVX2 CPUs (no VNNI): the input quantized per token to uint8 codes at run
 time and multiplied by the integer weight (4-bit codes minus their zero point, times TRIP factors 2^α, |W| ≤ 64)
 with exact int32 sums, the scales applied after — one C++ call per layer (csrc/int_gemm.cpp, compiled on first use
-into $LQTK_CACHE/torch_extensions/lqtk_int_gemm). `act_quant` layers with 8-bit inputs over 4-bit affine weights run
+into lqtk.kernels.build_directory()). `act_quant` layers with 8-bit inputs over 4-bit affine weights run
 here at any batch size (`supports`, `linear`, through lqtk.kernels.dispatch): an integer GEMM beats the fp32 one.
 
     from lqtk.kernels import int_gemm
@@ -19,19 +19,17 @@ correction are all inside the one call.
 """
 
 import functools
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lqtk.errors import LqtkError
+from lqtk.kernels import build_extension
 from lqtk.quant.base import FORMATS
 from lqtk.quant.primitives import unpack_bits
 
 SOURCE = Path(__file__).parent / "csrc" / "int_gemm.cpp"
-FLAGS = ["-O3", "-mavx2", "-mfma"]  # not -march=native: the same code on every x86 machine with AVX2
 MAX_WEIGHT = 64
 """Largest |W|: 2 · 255 · 64 < 2^15, so one vpmaddubsw pair sum cannot saturate int16."""
 GROUP_MULTIPLE = 16
@@ -41,37 +39,12 @@ BLOCK_TOKENS, BLOCK_OUTPUTS = 255, 32
 _build_error: str | None = None
 
 
-def build_directory() -> Path:
-    # as lqtk.models.cache_dir, not imported from there: that module pulls in transformers
-    return Path(os.environ.get("LQTK_CACHE", Path.home() / ".cache" / "lqtk")) / "torch_extensions"
-
-
 @functools.cache
 def _extension():
     """The compiled module, or None (the reason in `_build_error`)."""
     global _build_error
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        _build_error = f"the integer kernels need an x86 CPU with AVX2 and FMA (this one: {capability})"
-        return None
-    if shutil.which("ninja") is None:  # pip's ninja lives in the venv's bin, not on PATH unless it is activated
-        try:
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            _build_error = "compiling the integer kernels needs ninja: pip install ninja"
-            return None
-    from torch.utils.cpp_extension import load
-
-    # a folder of its own: torch's build lock is per folder, and a process waiting on another's build of a different
-    # extension in the same folder would then import a module that was never built
-    folder = build_directory() / "lqtk_int_gemm"
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        return load("lqtk_int_gemm", [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder))
-    except Exception as error:  # a missing compiler, a compile error: the layers run their float path
-        _build_error = f"{type(error).__name__}: {error}"
-        return None
+    module, _build_error = build_extension("lqtk_int_gemm", SOURCE)
+    return module
 
 
 def available() -> bool:
