@@ -21,9 +21,10 @@ trap 'rm -f "$constraints"' EXIT
 echo "torch==2.13.0" > "$constraints"
 
 "$venv/bin/pip" install --quiet --upgrade pip setuptools wheel
-# optimum: transformers' GPTQ loader needs it to read the checkpoint back (used for the dequantization check).
+# optimum: transformers' GPTQ loader needs it to read the checkpoint back (used for the dequantization check);
+# torchmetrics: lqtk's perplexity code, which scripts/gptq_serving_check.py runs on the loaded GPTQ export.
 "$venv/bin/pip" install --constraint "$constraints" \
-    "torch==2.13.0" "gptqmodel==7.6.0" "transformers==5.23.*" optimum accelerate safetensors
+    "torch==2.13.0" "gptqmodel==7.6.0" "transformers==5.23.*" optimum accelerate safetensors "torchmetrics==1.9.0"
 
 touch "$marker"
 echo "gptqmodel venv ready: $venv"

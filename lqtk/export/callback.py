@@ -4,9 +4,15 @@ what the phase computed, evaluate it, and write `metrics.json` beside it.
     <dirpath>/model/         the export (see lqtk.export.format), renamed into place only once verified
     <dirpath>/model-hf-aqlm/ with `hf_aqlm`: the same model in the Hugging Face AQLM layout (lqtk.export.hf_aqlm),
                              verified by loading it with plain transformers + aqlm
+    <dirpath>/model-compressed-tensors/, <dirpath>/model-gptq/
+                             with `serving_formats`: the same (affine) model in compressed-tensors pack-quantized and
+                             GPTQ v1 layouts (lqtk.export.serving), verified by loading them: with transformers +
+                             compressed-tensors when installed, else (and for GPTQ, whose loader needs gptqmodel) by
+                             lqtk.export.serving's own decoder of the written layout
     <dirpath>/metrics.json   method, bits_per_weight, perplexity, fp_perplexity, quantize_time_s, wall_time_s, ...
 """
 
+import importlib.util
 import json
 import logging
 import resource
@@ -25,6 +31,14 @@ from lqtk.errors import LqtkError
 from lqtk.evaluate import EVAL_BATCH_SIZE, fp_perplexity, perplexity, streamed_logits
 from lqtk.export.format import bits_per_weight, save_quantized
 from lqtk.export.hf_aqlm import save_hf_aqlm
+from lqtk.export.serving import (
+    SERVING_FORMATS,
+    check_quantizer_servable,
+    load_compressed_tensors,
+    load_decoded,
+    save_serving,
+    serving_folder,
+)
 from lqtk.models import load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers
 from lqtk.phases.walk import BlockWalk
@@ -33,6 +47,8 @@ from lqtk.streaming import load_outside_blocks, materialize_all, release_outside
 from lqtk.token_pruning import TokenPruning
 
 log = logging.getLogger(__name__)
+
+_COMPRESSED_TENSORS_AVAILABLE = importlib.util.find_spec("compressed_tensors") is not None
 
 
 class ExportQuantized(Callback):
@@ -51,17 +67,33 @@ class ExportQuantized(Callback):
             transformers writes them (the export holds one shard and one block at a time).
         token_pruning: Prune tokens during prefill (lqtk.token_pruning): the export records it, and its evaluation
             (here and by `lqtk evaluate`) scores each window at the kept positions only.
+        serving_formats: Also write the model in these serving formats, beside `model/`: "compressed-tensors"
+            (`model-compressed-tensors/`, pack-quantized: vLLM, transformers + compressed-tensors) and "gptq"
+            (`model-gptq/`, the GPTQ v1 checkpoint: transformers + optimum + gptqmodel, vLLM). Affine models only
+            (RTN, GPTQ, LeanQuant's affine grid); each is checked to compute the phase's logits within `atol`.
     """
 
     def __init__(self, dirpath: str, overwrite: bool = False, evaluate: bool = True, verify_windows: int = 2,
                  atol: float = 1e-4, hf_aqlm: bool = False, hf_atol: float = 1e-2, max_shard_mb: int = 128,
-                 token_pruning: TokenPruning | None = None):
+                 token_pruning: TokenPruning | None = None, serving_formats: list[str] | None = None):
         self.dirpath, self.token_pruning = Path(dirpath), token_pruning
         self.overwrite, self.evaluate, self.verify_windows = overwrite, evaluate, verify_windows
-        # folder: (writer, atol of its check, whether it reloads lazily: the HF AQLM layout loads through transformers)
-        lqtk_writer = partial(save_quantized, max_shard_bytes=max_shard_mb * 2**20)
-        self.writers = {"model": (lqtk_writer, atol, True)} | (
-            {"model-hf-aqlm": (save_hf_aqlm_loaded, hf_atol, False)} if hf_aqlm else {})
+        self.serving_formats = list(dict.fromkeys(serving_formats or []))
+        unknown = sorted(set(self.serving_formats) - set(SERVING_FORMATS))
+        if unknown:
+            raise LqtkError(f"unknown export.serving_formats {unknown}: choose from {sorted(SERVING_FORMATS)}")
+        # folder: (writer, atol of its check, loader of the written folder: the lqtk export reloads lazily, the HF
+        # AQLM layout through transformers, the serving layouts through their loader or lqtk's decoder of them)
+        shard_bytes = max_shard_mb * 2**20
+        self.writers = {"model": (partial(save_quantized, max_shard_bytes=shard_bytes), atol,
+                                  partial(load_causal_lm, lazy=True))}
+        if hf_aqlm:
+            self.writers["model-hf-aqlm"] = (save_hf_aqlm_loaded, hf_atol, partial(load_causal_lm, lazy=False))
+        for format_name in self.serving_formats:
+            writer = partial(save_serving, format_name=format_name, max_shard_bytes=shard_bytes)
+            in_transformers = format_name == "compressed-tensors" and _COMPRESSED_TENSORS_AVAILABLE
+            self.writers[serving_folder(format_name)] = (
+                writer, atol, load_compressed_tensors if in_transformers else load_decoded)
         self.fp_perplexity: float | None = None
         self.disk_checked_with_blocks = False
 
@@ -94,6 +126,15 @@ class ExportQuantized(Callback):
             if not is_aqlm:
                 raise LqtkError("export.hf_aqlm needs an AQLM model: set export.hf_aqlm false, or quantize with "
                                 "lqtk.quant.AQLM")
+        for format_name in self.serving_formats:  # refused now rather than after the whole phase
+            quantizer = getattr(pl_module, "quantizer", None)
+            if quantizer is not None:
+                check_quantizer_servable(quantizer, format_name)
+            else:
+                formats = {m.format for m in quantized_layers(pl_module.model).values()}
+                if formats - {"affine"}:
+                    raise LqtkError(f"export.serving_formats has {format_name!r}, which stores 'affine' layers only, "
+                                    f"and this model has {sorted(formats - {'affine'})} layers: remove it")
         if self.evaluate and self.fp_perplexity is None and trainer.is_global_zero:  # before the phase's work
             fp_model, fp_model_path = pl_module.fp_reference()
             self.fp_perplexity = self._on_device(fp_model, trainer, fp_perplexity, resolve_model(fp_model_path))
@@ -146,7 +187,7 @@ class ExportQuantized(Callback):
         """Write export `folder` of `model` under `root`, reload it and check it computes what `model` computes;
         the reloaded model. The logits of `model` go to files first and a streamed `model` gives back its tensors
         outside the blocks before the export is reloaded: one vocabulary-sized embedding and head at a time."""
-        write, atol, lazy = self.writers[folder]
+        write, atol, load = self.writers[folder]
         load_outside_blocks(model)  # given back by the previous export's check
         write(model, root / folder)
         tokenizer.save_pretrained(root / folder)
@@ -157,7 +198,7 @@ class ExportQuantized(Callback):
             torch.save(logits, expected / f"{batch}-{start}.pt")
         if weight_files(model) is not None:  # it reads them back from its files when needed
             release_outside_blocks(model)
-        reloaded = load_causal_lm(root / folder, lazy=lazy)
+        reloaded = load(root / folder)
         self._verify(expected, reloaded, windows, folder, atol)
         shutil.rmtree(expected)
         return reloaded
@@ -193,7 +234,10 @@ class ExportQuantized(Callback):
         metrics.update(wall_time_s=time.perf_counter() - self.start,
                        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                        **({"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_initialized() else {}),
-                       model=str(pl_module.model_path), export=str(self.model_dir), **pl_module.phase_metrics())
+                       model=str(pl_module.model_path), export=str(self.model_dir),
+                       **({"serving_exports": {name: str(self.dirpath / serving_folder(name))
+                                               for name in self.serving_formats}} if self.serving_formats else {}),
+                       **pl_module.phase_metrics())
         return metrics
 
 
