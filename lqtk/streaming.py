@@ -290,20 +290,26 @@ def tensor_groups(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def save_sharded(model: nn.Module, out: Path, max_shard_bytes: int = SHARD_BYTES) -> None:
-    """Write the model's tensors as transformers does: one `model.safetensors` if they fit in one shard, else
-    `model-0000k-of-0000n.safetensors` and `model.safetensors.index.json`. At most one shard and one block exist
+    """Write the model's tensors as transformers does (`save_tensor_groups`). At most one shard and one block exist
     at once beyond what the model already holds."""
+    save_tensor_groups(tensor_groups(model), out, max_shard_bytes)
+
+
+def save_tensor_groups(groups, out: Path, max_shard_bytes: int = SHARD_BYTES) -> None:
+    """Write the tensors of `groups` (an iterable of {name: tensor}, consumed one at a time) as transformers does:
+    one `model.safetensors` if they fit in one shard, else `model-0000k-of-0000n.safetensors` and
+    `model.safetensors.index.json`."""
     shards: list[list[str]] = []
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = total_bytes = 0
 
     def flush():
-        save_file({name: t.cpu().contiguous() for name, t in shard.items()}, str(out / f".shard-{len(shards)}"),
-                  metadata={"format": "pt"})
+        save_file({name: t.detach().cpu().contiguous() for name, t in shard.items()},
+                  str(out / f".shard-{len(shards)}"), metadata={"format": "pt"})
         shards.append(list(shard))
         shard.clear()
 
-    for group in tensor_groups(model):
+    for group in groups:
         for name, tensor in group.items():
             size = tensor.numel() * tensor.element_size()
             if shard and shard_bytes + size > max_shard_bytes:

@@ -47,12 +47,11 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
@@ -62,7 +61,15 @@ from lqtk.nn import QuantizedLinear, quantized_layers
 from lqtk.quant.affine import AffineQuantizer
 from lqtk.quant.base import FORMATS
 from lqtk.quant.primitives import pack_bits, unpack_bits
-from lqtk.streaming import INDEX_NAME, SHARD_BYTES, WEIGHTS_NAME, block_prefix, empty_model, tensor_groups
+from lqtk.streaming import (
+    INDEX_NAME,
+    SHARD_BYTES,
+    WEIGHTS_NAME,
+    block_prefix,
+    empty_model,
+    save_tensor_groups,
+    tensor_groups,
+)
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +280,7 @@ def save_serving(model: PreTrainedModel, out: Path, format_name: str, max_shard_
                     group.update({f"{name}.{key}": value for key, value in tensors.items()})
                 yield group
 
-        _save_shards(converted_groups(), tmp, max_shard_bytes)
+        save_tensor_groups(converted_groups(), tmp, max_shard_bytes)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -285,41 +292,6 @@ def export_serving(lqtk_folder: Path, out: Path, format_name: str, max_shard_byt
     tokenizer = AutoTokenizer.from_pretrained(lqtk_folder)
     save_serving(model, out, format_name, max_shard_bytes)
     tokenizer.save_pretrained(out)
-
-
-def _save_shards(groups: Iterable[dict[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> None:
-    """Write tensor groups as transformers does: one model.safetensors, or shards and an index when larger than
-    `max_shard_bytes` (as lqtk.streaming.save_sharded, for converted tensors)."""
-    shards: list[list[str]] = []
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = total_bytes = 0
-
-    def flush():
-        save_file({name: t.detach().cpu().contiguous() for name, t in shard.items()},
-                  str(out / f".shard-{len(shards)}"), metadata={"format": "pt"})
-        shards.append(list(shard))
-        shard.clear()
-
-    for group in groups:
-        for name, tensor in group.items():
-            size = tensor.numel() * tensor.element_size()
-            if shard and shard_bytes + size > max_shard_bytes:
-                flush()
-                shard_bytes = 0
-            shard[name] = tensor
-            shard_bytes += size
-            total_bytes += size
-    flush()
-    if len(shards) == 1:
-        (out / ".shard-0").rename(out / WEIGHTS_NAME)
-        return
-    weight_map = {}
-    for number, names in enumerate(shards):
-        file = f"model-{number + 1:05d}-of-{len(shards):05d}.safetensors"
-        (out / f".shard-{number}").rename(out / file)
-        weight_map.update(dict.fromkeys(names, file))
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 # --- independent decoding -----------------------------------------------------------------------------------------
