@@ -120,10 +120,17 @@ def chain_command(args: list[str]) -> None:
                         "trainer.default_root_dir).")
     opts, shared = parser.parse_known_args(args)  # the rest goes to every phase, e.g. --data.calibration_files
     configs = [Path(config) for config in opts.configs]
+    run_dirs = [Path(opts.root) / config.stem if opts.root else None for config in configs]
+    run_chain(configs, run_dirs, shared)
+
+
+def run_chain(configs: list[Path], run_dirs: list, shared: list[str]) -> Path:
+    """Run the phases `configs` in `run_dirs` (None: the recipe's trainer.default_root_dir), skipping finished ones
+    and resuming an interrupted one; returns the last phase's run folder."""
     for config in configs:  # all checked before the first phase starts
         if not config.is_file():
             raise LqtkError(f"recipe {config} does not exist: pass the YAML files of the chain's phases, in order")
-    run_dirs = [Path(opts.root) / config.stem if opts.root else Path(recipe_root_dir(config)) for config in configs]
+    run_dirs = [Path(run_dir or recipe_root_dir(config)) for config, run_dir in zip(configs, run_dirs)]
     previous_export = None
     for config, run_dir in zip(configs, run_dirs):
         phase = ["fit", "--config", str(config), "--trainer.default_root_dir", str(run_dir), *shared]
@@ -141,6 +148,30 @@ def chain_command(args: list[str]) -> None:
         if subprocess.run([sys.executable, "-m", "lqtk.cli", *phase]).returncode != 0:
             raise LqtkError(f"phase {config.stem} failed (see above); fix it and run the same command again: finished "
                             "phases are skipped and this one resumes from its last checkpoint")
+    return run_dirs[-1]
+
+
+def sweep_command(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lqtk sweep", description="Run several recipes on one model and corpus, each in ROOT/<name>, and gather "
+        "their metrics.json into ROOT/sweep.json. An entry A.yaml+B.yaml is a chain (B on A's export, named A+B). "
+        "Finished runs are skipped and an interrupted one resumes, so re-running the same command continues the "
+        "sweep.")
+    parser.add_argument("entries", nargs="+", help="Recipes, or chains of recipes joined by '+'.")
+    parser.add_argument("--root", required=True, help="Folder of the sweep's runs.")
+    opts, shared = parser.parse_known_args(args)  # the rest goes to every phase, e.g. --data.calibration_files
+    chains = [[Path(config) for config in entry.split("+")] for entry in opts.entries]
+    missing = [str(config) for configs in chains for config in configs if not config.is_file()]
+    if missing:  # all checked before the first run starts
+        raise LqtkError(f"recipes not found: {', '.join(missing)}; pass YAML files (A.yaml+B.yaml for a chain)")
+    root, results = Path(opts.root), []
+    for configs in chains:
+        name = "+".join(config.stem for config in configs)
+        last = run_chain(configs, [root / name / config.stem for config in configs], shared)
+        results.append({"name": name, "recipes": [str(config) for config in configs], "run_dir": str(last),
+                        "metrics": json.loads((last / "metrics.json").read_text())})
+    (root / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"lqtk sweep: {len(results)} runs gathered in {root / 'sweep.json'}", flush=True)
 
 
 def recipe_root_dir(config: Path) -> str:
@@ -150,17 +181,19 @@ def recipe_root_dir(config: Path) -> str:
     return root
 
 
-COMMANDS = {"prepare-model": prepare_model_command, "evaluate": evaluate_command, "chain": chain_command}
+COMMANDS = {"prepare-model": prepare_model_command, "evaluate": evaluate_command, "chain": chain_command,
+            "sweep": sweep_command}
 USAGE = """usage: lqtk <command> [options]
 
 commands:
   fit            run one phase (calibrate, fine-tune, distill) from a recipe: lqtk fit --config R.yaml
   chain          run recipes one after another, each phase on the previous one's export
+  sweep          run several recipes (or chains) on one model and gather their metrics
   prepare-model  build a reference model (smollm2-135m, tiny-llama, tiny-<arch>) into the cache folder
   evaluate       perplexity of an fp or lqtk-quantized model on text files
 
-`lqtk <command> --help` lists a command's options; a stopped `fit` or `chain` continues with --ckpt_path last
-(`chain`: the same command again)."""
+`lqtk <command> --help` lists a command's options; a stopped `fit` continues with --ckpt_path last,
+a stopped `chain` or `sweep` with the same command again."""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -173,3 +173,22 @@ def test_plain_transformers_loads_the_export_after_import_lqtk(debug_run):
     ids = torch.randint(0, loaded.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ours(ids).logits)
+
+
+def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
+    args = ["sweep", DEBUG_RECIPE, "--root", str(tmp_path), *corpus_args(corpus)]
+    first = run_lqtk(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "gptq-tiny" / "gptq-tiny"
+    [result] = json.loads((tmp_path / "sweep.json").read_text())
+    assert result["name"] == "gptq-tiny" and result["run_dir"] == str(run_dir)
+    assert result["metrics"] == json.loads((run_dir / "metrics.json").read_text())
+    again = run_lqtk(*args, cwd=tmp_path)  # a finished run is not redone
+    assert again.returncode == 0 and "is finished" in again.stdout, again.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep.json").read_text()) == [result]
+
+
+def test_sweep_with_a_missing_recipe_runs_nothing(capsys, tmp_path):
+    fails_with(capsys, ["sweep", DEBUG_RECIPE, "missing.yaml", "--root", str(tmp_path)],
+               "recipes not found: missing.yaml")
+    assert not any(tmp_path.iterdir())

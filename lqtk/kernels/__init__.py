@@ -37,6 +37,7 @@ def build_extension(name: str, source: Path):
     folder = build_directory() / name
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return load(name, [str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder)), None
+        return load(name, [str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=str(folder)), None
     except Exception as error:  # a missing compiler, a compile error: the layers run their dense or float path
         return None, f"{type(error).__name__}: {error}"
