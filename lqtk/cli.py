@@ -26,6 +26,7 @@ from lqtk.evaluate import EVAL_BATCH_SIZE, perplexity
 from lqtk.export import ExportQuantized, bits_per_weight
 from lqtk.models import REFERENCE_MODELS, load_causal_lm, prepare_model, resolve_model
 from lqtk.phases.processes import BlockWalkStrategy
+from lqtk.report import write_report
 
 
 class LqtkCLI(LightningCLI):
@@ -154,11 +155,12 @@ def run_chain(configs: list[Path], run_dirs: list, shared: list[str]) -> Path:
 def sweep_command(args: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lqtk sweep", description="Run several recipes on one model and corpus, each in ROOT/<name>, and gather "
-        "their metrics.json into ROOT/sweep.json. An entry A.yaml+B.yaml is a chain (B on A's export, named A+B). "
-        "Finished runs are skipped and an interrupted one resumes, so re-running the same command continues the "
-        "sweep.")
+        "their metrics.json into ROOT/sweep.json, with a table (report.md) and a Pareto plot (pareto.png). An entry "
+        "A.yaml+B.yaml is a chain (B on A's export, named A+B). Finished runs are skipped and an interrupted one "
+        "resumes, so re-running the same command continues the sweep.")
     parser.add_argument("entries", nargs="+", help="Recipes, or chains of recipes joined by '+'.")
     parser.add_argument("--root", required=True, help="Folder of the sweep's runs.")
+    parser.add_argument("--report-dir", help="Where report.md and pareto.png go (default: ROOT).")
     opts, shared = parser.parse_known_args(args)  # the rest goes to every phase, e.g. --data.calibration_files
     chains = [[Path(config) for config in entry.split("+")] for entry in opts.entries]
     missing = [str(config) for configs in chains for config in configs if not config.is_file()]
@@ -171,7 +173,8 @@ def sweep_command(args: list[str]) -> None:
         results.append({"name": name, "recipes": [str(config) for config in configs], "run_dir": str(last),
                         "metrics": json.loads((last / "metrics.json").read_text())})
     (root / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"lqtk sweep: {len(results)} runs gathered in {root / 'sweep.json'}", flush=True)
+    report, plot = write_report(root / "sweep.json", Path(opts.report_dir or root))
+    print(f"lqtk sweep: {len(results)} runs in {root / 'sweep.json'}; report {report}, plot {plot}", flush=True)
 
 
 def recipe_root_dir(config: Path) -> str:

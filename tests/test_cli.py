@@ -183,6 +183,7 @@ def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
     [result] = json.loads((tmp_path / "sweep.json").read_text())
     assert result["name"] == "gptq-tiny" and result["run_dir"] == str(run_dir)
     assert result["metrics"] == json.loads((run_dir / "metrics.json").read_text())
+    assert "| gptq | gptq-tiny |" in (tmp_path / "report.md").read_text() and (tmp_path / "pareto.png").is_file()
     again = run_lqtk(*args, cwd=tmp_path)  # a finished run is not redone
     assert again.returncode == 0 and "is finished" in again.stdout, again.stderr[-3000:]
     assert json.loads((tmp_path / "sweep.json").read_text()) == [result]
