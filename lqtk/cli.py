@@ -121,16 +121,15 @@ def chain_command(args: list[str]) -> None:
                         "trainer.default_root_dir).")
     opts, shared = parser.parse_known_args(args)  # the rest goes to every phase, e.g. --data.calibration_files
     configs = [Path(config) for config in opts.configs]
-    run_dirs = [Path(opts.root) / config.stem if opts.root else None for config in configs]
-    run_chain(configs, run_dirs, shared)
-
-
-def run_chain(configs: list[Path], run_dirs: list, shared: list[str]) -> Path:
-    """Run the phases `configs` in `run_dirs` (None: the recipe's trainer.default_root_dir), skipping finished ones
-    and resuming an interrupted one; returns the last phase's run folder."""
     for config in configs:  # all checked before the first phase starts
         if not config.is_file():
             raise LqtkError(f"recipe {config} does not exist: pass the YAML files of the chain's phases, in order")
+    run_chain(configs, [Path(opts.root) / config.stem if opts.root else None for config in configs], shared)
+
+
+def run_chain(configs: list[Path], run_dirs: list, shared: list[str]) -> Path:
+    """Run the phases `configs` (existing files) in `run_dirs` (None: the recipe's trainer.default_root_dir),
+    skipping finished ones and resuming an interrupted one; returns the last phase's run folder."""
     run_dirs = [Path(run_dir or recipe_root_dir(config)) for config, run_dir in zip(configs, run_dirs)]
     previous_export = None
     for config, run_dir in zip(configs, run_dirs):
@@ -173,7 +172,7 @@ def sweep_command(args: list[str]) -> None:
         results.append({"name": name, "recipes": [str(config) for config in configs], "run_dir": str(last),
                         "metrics": json.loads((last / "metrics.json").read_text())})
     (root / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
-    report, plot = write_report(root / "sweep.json", Path(opts.report_dir or root))
+    report, plot = write_report(results, Path(opts.report_dir or root))
     print(f"lqtk sweep: {len(results)} runs in {root / 'sweep.json'}; report {report}, plot {plot}", flush=True)
 
 

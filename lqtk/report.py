@@ -1,7 +1,6 @@
 """A sweep's comparison (`lqtk sweep` → DIR/sweep.json): a markdown table of every run and a Pareto plot of
 bits/weight against perplexity, one marker per method, the fp perplexity as a line, the Pareto front drawn."""
 
-import json
 from pathlib import Path
 
 COLUMNS = ["method", "recipe", "bits/weight", "perplexity", "× fp", "quantize time (s)", "peak memory (GB)"]
@@ -9,7 +8,7 @@ COLUMNS = ["method", "recipe", "bits/weight", "perplexity", "× fp", "quantize t
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points (bits, perplexity) that no other point beats on both (fewer or equal bits and lower
-    or equal perplexity, one of them strictly), in order of bits."""
+    or equal perplexity, one of them strictly), in order of bits; of identical points, the first only."""
     order = sorted(range(len(points)), key=lambda i: points[i])
     front, best = [], float("inf")
     for i in order:
@@ -50,9 +49,8 @@ def pareto_plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(sweep_json: Path, output_dir: Path) -> tuple[Path, Path]:
-    """report.md and pareto.png in `output_dir` from a sweep's results."""
-    results = json.loads(Path(sweep_json).read_text())
+def write_report(results: list[dict], output_dir: Path) -> tuple[Path, Path]:
+    """report.md and pareto.png in `output_dir` from a sweep's results (the entries of its sweep.json)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     png = output_dir / "pareto.png"
     pareto_plot(results, png)

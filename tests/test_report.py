@@ -1,6 +1,5 @@
-"""The sweep report: the Pareto front against a brute-force definition, and the table and plot from a sweep file."""
+"""The sweep report: the Pareto front against a brute-force definition, the table and plot from a sweep's results."""
 
-import json
 import random
 
 from lqtk.report import pareto_front, write_report
@@ -18,8 +17,7 @@ def test_report_has_a_row_per_run_and_a_plot(tmp_path):
     runs = [{"name": name, "metrics": {"method": method, "bits_per_weight": bits, "perplexity": ppl,
                                        "fp_perplexity": 40.0, "quantize_time_s": 10.0, "peak_rss_bytes": 1e9}}
             for name, method, bits, ppl in [("gptq-w4g128", "gptq", 4.19, 46.4), ("aqlm-2x8-g8", "aqlm", 2.1, 80.0)]]
-    (tmp_path / "sweep.json").write_text(json.dumps(runs))
-    md, png = write_report(tmp_path / "sweep.json", tmp_path / "report")
+    md, png = write_report(runs, tmp_path / "report")
     rows = md.read_text().splitlines()
     assert rows[2].startswith("| aqlm | aqlm-2x8-g8 | 2.100 | 80.000 | 2.000 |") and "gptq-w4g128" in rows[3]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
