@@ -155,8 +155,9 @@ def sweep_command(args: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lqtk sweep", description="Run several recipes on one model and corpus, each in ROOT/<name>, and gather "
         "their metrics.json into ROOT/sweep.json, with a table (report.md) and a Pareto plot (pareto.png). An entry "
-        "A.yaml+B.yaml is a chain (B on A's export, named A+B). Finished runs are skipped and an interrupted one "
-        "resumes, so re-running the same command continues the sweep.")
+        "A.yaml+B.yaml is a chain (B on A's export, in ROOT/A+B); A's run in ROOT/A is shared with the entry A and "
+        "other chains from A. Finished runs are skipped and an interrupted one resumes, so re-running the same "
+        "command continues the sweep.")
     parser.add_argument("entries", nargs="+", help="Recipes, or chains of recipes joined by '+'.")
     parser.add_argument("--root", required=True, help="Folder of the sweep's runs.")
     parser.add_argument("--report-dir", help="Where report.md and pareto.png go (default: ROOT).")
@@ -167,8 +168,9 @@ def sweep_command(args: list[str]) -> None:
         raise LqtkError(f"recipes not found: {', '.join(missing)}; pass YAML files (A.yaml+B.yaml for a chain)")
     root, results = Path(opts.root), []
     for configs in chains:
-        name = "+".join(config.stem for config in configs)
-        last = run_chain(configs, [root / name / config.stem for config in configs], shared)
+        stems = [config.stem for config in configs]
+        name = "+".join(stems)  # phase k runs in ROOT/<stems up to k>: entries with a common start share its runs
+        last = run_chain(configs, [root / "+".join(stems[: k + 1]) for k in range(len(stems))], shared)
         results.append({"name": name, "recipes": [str(config) for config in configs], "run_dir": str(last),
                         "metrics": json.loads((last / "metrics.json").read_text())})
     (root / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")

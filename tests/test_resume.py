@@ -1,5 +1,5 @@
 """A phase killed with SIGKILL at an arbitrary moment, resumed with `--ckpt_path last`, exports exactly the weights of
-an uninterrupted run: GPTQ and AQLM calibration, and block fine-tuning."""
+an uninterrupted run: GPTQ and AQLM calibration, block fine-tuning, and re-quantization from cached Hessians."""
 
 import json
 import os
@@ -81,3 +81,14 @@ def test_block_finetune_killed_then_resumed_gives_identical_export(corpus, deep_
     kill_then_resume_matches(lambda run_dir, *extra: walk_args(
         corpus, run_dir, DEBUG / "aqlm-tiny-ft.yaml", "--model.init_args.model", str(quantized / "model"),
         "--model.init_args.fp_model", str(deep_model), "--model.init_args.tuning.max_steps", "10", *extra), tmp_path)
+
+
+@pytest.mark.slow
+def test_requantize_killed_then_resumed_gives_identical_export(corpus, deep_model, tmp_path):
+    calibrated = tmp_path / "calibrated"
+    proc = run_lqtk(*walk_args(corpus, calibrated, DEBUG / "gptq-tiny.yaml", "--model.init_args.model",
+                               str(deep_model)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kill_then_resume_matches(lambda run_dir, *extra: walk_args(
+        corpus, run_dir, DEBUG / "mixed-tiny.yaml", "--model.init_args.model", str(calibrated / "model"),
+        "--model.init_args.fp_model", str(deep_model), *extra), tmp_path)

@@ -2,5 +2,6 @@ from lqtk.phases.block_tuning import BlockTuning
 from lqtk.phases.distill import KLDistillation
 from lqtk.phases.finetune import BlockFinetune
 from lqtk.phases.layerwise import LayerwiseCalibration
+from lqtk.phases.requantize import Requantize
 
-__all__ = ["BlockFinetune", "BlockTuning", "KLDistillation", "LayerwiseCalibration"]
+__all__ = ["BlockFinetune", "BlockTuning", "KLDistillation", "LayerwiseCalibration", "Requantize"]

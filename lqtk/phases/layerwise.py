@@ -45,9 +45,11 @@ from lqtk.moe import ROUTER_LINEARS
 from lqtk.nn import QuantizedLinear, quantized_layers, set_submodule
 from lqtk.phases.block_tuning import BlockTuning
 from lqtk.phases.calibration_passes import calibration_passes
+from lqtk.phases.hessian_cache import save_group
 from lqtk.phases.processes import BlockWalkStrategy, broadcast_from, gather_to, world
 from lqtk.phases.replay import SubmoduleReplay, record_tails
 from lqtk.phases.walk import BlockWalk, StopForward
+from lqtk.quant.allocation import output_error
 from lqtk.quant.base import HessianAccumulator, QuantizedWeight, WeightQuantizer
 from lqtk.streaming import (
     available_memory,
@@ -87,17 +89,24 @@ class LayerwiseCalibration(BlockWalk):
             AMX), and about 8x slower on CPUs without them (AVX2).
         activations_on_disk: Keep the (N, T, D) block inputs and outputs in memory-mapped files in the run folder
             (`activations/`) rather than in memory; also chosen when they do not fit in the memory left.
+        save_hessians: Keep each group's Hessian (and input sample) in the run folder's `hessians/`
+            (lqtk.phases.hessian_cache), for re-quantizing its layers later without running the model
+            (`lqtk.phases.Requantize`: other bits, groups or methods, or a mixed-precision allocation).
     """
 
     def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None,
                  block_tuning: BlockTuning | None = None, fallback_below: float = 0.005, replay: bool = True,
-                 compute_dtype: Literal["float32", "bfloat16"] = "float32", activations_on_disk: bool = False):
+                 compute_dtype: Literal["float32", "bfloat16"] = "float32", activations_on_disk: bool = False,
+                 save_hessians: bool = False):
         super().__init__()
         self.model_path, self.quantizer, self.sequential = model, quantizer, sequential
         self.skip = tuple(ROUTER_LINEARS if skip is None else skip)
         self.block_tuning, self.fallback_below, self.replay = block_tuning, fallback_below, replay
         self.compute_dtype = getattr(torch, compute_dtype)
-        self.activations_on_disk = activations_on_disk
+        self.activations_on_disk, self.save_hessians = activations_on_disk, save_hessians
+        if save_hessians and not quantizer.needs_hessian:
+            raise LqtkError(f"save_hessians is set but {type(quantizer).__name__} takes no Hessian, so none is "
+                            "collected: set save_hessians false, or calibrate with a method that takes one (GPTQ)")
         self.finished_blocks: list[int] = []  # blocks written to their block files
         self.fallbacks: list[str] = []  # the Linears quantized with the identity Hessian
         self.layer_errors: dict[str, float] = {}  # relative output error of each quantized Linear
@@ -161,6 +170,11 @@ class LayerwiseCalibration(BlockWalk):
             log.warning("replay off: its %.2f GiB of activations do not fit in the %.2f GiB of memory left",
                         replayed / GIB, left / GIB)
             self.replay = False
+
+    @property
+    def hessians_dir(self) -> Path:
+        """`hessians/` beside the checkpoints (lqtk.phases.hessian_cache)."""
+        return Path(self.trainer.checkpoint_callback.dirpath).parent / "hessians"
 
     def block_file(self, index: int) -> Path:
         """Where finished block `index` is kept: `blocks/` beside the checkpoints, whose state it completes (a dry
@@ -284,6 +298,12 @@ class LayerwiseCalibration(BlockWalk):
         owners = [(self.groups_dealt + i) % processes for i in range(len(groups))]
         self.groups_dealt += len(groups)
         hessians = {names[0]: self._group_hessian(names, owner) for names, owner in zip(groups, owners)}
+        if self.save_hessians:
+            prefix = self.block_prefix(self.current_epoch)
+            for names, owner in zip(groups, owners):
+                if owner == rank:
+                    hessian, inputs, _ = hessians[names[0]]
+                    save_group(self.hessians_dir, [prefix + name for name in names], hessian, inputs)
         results = {names[0]: self._quantize_group(names, *hessians[names[0]])
                    for names, owner in zip(groups, owners) if owner == rank}
         for names, owner in zip(groups, owners):
@@ -358,6 +378,7 @@ class LayerwiseCalibration(BlockWalk):
         return {"model": str(self.model_path), "quantizer": quantizer, "sequential": self.sequential,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
                 "skip": list(self.skip), "block_tuning": tuning, "fallback_below": self.fallback_below,
+                "save_hessians": self.save_hessians,
                 "data": dict(self.trainer.datamodule.hparams)}
 
     def walk_state(self) -> dict:
@@ -406,4 +427,4 @@ def relative_output_error(weight: torch.Tensor, quantized: QuantizedWeight, hess
     delta = w - quantized.dequantize().to(w.device)
     if hessian is None:
         return (delta.pow(2).sum() / w.pow(2).sum()).item()
-    return ((delta @ hessian * delta).sum() / (w @ hessian * w).sum()).item()
+    return output_error(delta, hessian) / output_error(w, hessian)

@@ -145,10 +145,7 @@ class BlockWalk(LightningModule):
         self.tuning_results[name] = tune_block(self.block, batches, tuning, self.current_epoch, name)
 
     def report(self, status: str) -> None:
-        self.status = f"block {self.current_epoch + 1}/{len(self.blocks)} {status}"
-        bar = self.trainer.progress_bar_callback
-        if isinstance(bar, BlockProgressBar):
-            bar.show(self)
+        report(self, status)
 
     def fp_reference(self) -> tuple[torch.nn.Module, str]:
         """The fp model the phase's result is compared with, and its path (the model itself, before the walk)."""
@@ -183,20 +180,33 @@ class BlockWalk(LightningModule):
                               **self.walk_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("lqtk")
-        if state is None or state.get("phase", "LayerwiseCalibration") != type(self).__name__:
-            raise LqtkError(f"this checkpoint was not written by {type(self).__name__}: pass a checkpoint of this "
-                            "recipe's run, or start afresh without --ckpt_path")
-        ours = self.identity()
-        if state["identity"] != ours:
-            changed = sorted(k for k in ours if state["identity"].get(k) != ours[k])
-            raise LqtkError(f"the checkpoint belongs to another run (different {', '.join(changed)}): resume with "
-                            "the recipe that wrote it, or use another trainer.default_root_dir for this one")
+        state = checked_state(checkpoint, type(self).__name__, self.identity())
         batches, size = self.process_batches(), self.trainer.datamodule.batch_size
         self.inputs = state["inputs"][batches.start * size: batches.stop * size]  # this process's share
         self.quantize_time_s = state["quantize_time_s"]
         torch.random.set_rng_state(state["rng"])  # for methods that draw random numbers
         self.restore_walk_state(state)
+
+
+def report(phase: LightningModule, status: str) -> None:
+    """Show `status` of a block-by-block phase (one epoch per block in `phase.blocks`) on its progress bar."""
+    phase.status = f"block {phase.current_epoch + 1}/{len(phase.blocks)} {status}"
+    bar = phase.trainer.progress_bar_callback
+    if isinstance(bar, BlockProgressBar):
+        bar.show(phase)
+
+
+def checked_state(checkpoint: dict, phase: str, identity: dict) -> dict:
+    """The phase's part of `checkpoint`, refused unless `phase` wrote it for a run of this `identity()`."""
+    state = checkpoint.get("lqtk")
+    if state is None or state.get("phase", "LayerwiseCalibration") != phase:
+        raise LqtkError(f"this checkpoint was not written by {phase}: pass a checkpoint of this recipe's run, or start "
+                        "afresh without --ckpt_path")
+    if state["identity"] != identity:
+        changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+        raise LqtkError(f"the checkpoint belongs to another run (different {', '.join(changed)}): resume with the "
+                        "recipe that wrote it, or use another trainer.default_root_dir for this one")
+    return state
 
 
 class BlockProgressBar(RichProgressBar):

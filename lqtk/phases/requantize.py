@@ -1,0 +1,210 @@
+"""`Requantize`: quantize a calibrated model's layers again from the Hessians its calibration kept on disk
+(`LayerwiseCalibration(save_hessians=true)`, lqtk.phases.hessian_cache), without running the model: other bits,
+group sizes, damping or methods for chosen layers, or a mixed-precision allocation under a bit budget.
+
+One epoch per decoder block: each chosen Linear of the block is quantized with every candidate, from the fp model's
+weight and the cached H of its group, and each result's true storage bits and proxy loss tr(ΔW H ΔWᵀ) (its output
+error on the calibration inputs) are measured; the results go to `candidates/<block>.safetensors`. After the last
+block every chosen layer takes one candidate: the only one, or with `budget_bits` the allocation of least summed
+proxy loss whose average bits/weight over all quantized Linears fits the budget (lqtk.quant.allocation). The layers
+not chosen keep the calibration's quantization. The export records each layer's method and settings in its layer
+config, so evaluation and the kernels run the mix as is.
+
+Not sequential: a layer's cached H holds the inputs it had during the calibration, i.e. after the layers quantized
+before it *then*, not after their re-quantized versions. A checkpoint after each block holds the measurements;
+`ckpt_path=last` resumes after the last finished block.
+"""
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lqtk.errors import LqtkError
+from lqtk.models import decoder_blocks, load_causal_lm, resolve_model
+from lqtk.nn import quantized_layers, set_submodule
+from lqtk.nn.quantized_linear import quantized_linear_from_config
+from lqtk.phases.hessian_cache import group_files, load_group
+from lqtk.phases.walk import BlockCheckpoint, BlockProgressBar, checked_state, report
+from lqtk.quant.allocation import allocate, output_error
+from lqtk.quant.base import WeightQuantizer, storage_bits
+from lqtk.streaming import block_prefix, materialize, release, save_block
+
+
+class Requantize(LightningModule):
+    """Re-quantization of a calibrated model's Linears from its cached Hessians.
+
+    Args:
+        model: The calibrated model: the export (`model/`) of a LayerwiseCalibration run with `save_hessians`.
+        fp_model: The fp model it was quantized from (its weights are quantized again).
+        candidates: Quantizers to try on every chosen layer. One: the layers are re-quantized with it. Several: each
+            layer takes one of them, chosen under `budget_bits`.
+        budget_bits: Average storage bits per weight over all quantized Linears (those kept included) that the
+            allocation must not exceed.
+        layers: Regular expressions (searched in the full names) of the Linears to re-quantize; default: all.
+        hessians: The cached Hessians (default: `hessians/` beside `model`).
+    """
+
+    def __init__(self, model: str, fp_model: str, candidates: list[WeightQuantizer], budget_bits: float | None = None,
+                 layers: list[str] | None = None, hessians: str | None = None):
+        super().__init__()
+        if not candidates:
+            raise LqtkError("Requantize has no candidates: name at least one quantizer")
+        if budget_bits is None and len(candidates) > 1:
+            raise LqtkError(f"{len(candidates)} candidates and no budget_bits to choose among them: set budget_bits "
+                            "(average bits/weight), or keep one candidate")
+        self.model_path, self.fp_model_path, self.hessians = model, fp_model, hessians
+        self.candidates, self.budget_bits, self.layers = candidates, budget_bits, layers
+        self.automatic_optimization = False
+        self.measurements: dict[str, list[dict]] = {}  # chosen layer -> per candidate: bits, loss, layer config
+        self.quantize_time_s = 0.0
+        self.allocation: dict[str, int] | None = None  # chosen layer -> its candidate, once all blocks are done
+        self.status = ""
+
+    def configure_optimizers(self):
+        return None
+
+    def configure_callbacks(self):
+        return [BlockProgressBar(), BlockCheckpoint()]
+
+    # --- set-up -------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise LqtkError("Requantize runs on one process: run it with trainer.devices 1 and trainer.num_nodes 1")
+        model, fp_model = load_causal_lm(self.model_path, lazy=True), load_causal_lm(self.fp_model_path, lazy=True)
+        if not quantized_layers(model) or quantized_layers(fp_model):
+            raise LqtkError(f"model must be a calibration run's export and fp_model the fp model it came from; got "
+                            f"{self.model_path} and {self.fp_model_path}")
+        folder = Path(self.hessians) if self.hessians else resolve_model(self.model_path).parent / "hessians"
+        self.group_files = group_files(folder) if folder.is_dir() else {}
+        if not self.group_files:
+            raise LqtkError(f"{folder} holds no cached Hessians: calibrate with LayerwiseCalibration's save_hessians "
+                            "true (or point `hessians` at the folder of such a run)")
+        patterns = [re.compile(pattern) for pattern in self.layers or [""]]
+        self.chosen = [name for name in quantized_layers(model) if any(p.search(name) for p in patterns)]
+        if not self.chosen:
+            raise LqtkError(f"no quantized Linear of {self.model_path} matches layers {self.layers}: check the names")
+        missing = [name for name in self.chosen if name not in self.group_files]
+        if missing:
+            raise LqtkError(f"{folder} has no Hessian for {missing[:3]} ({len(missing)} layers): re-quantize only "
+                            "layers of the calibration run that cached them")
+        for name in self.chosen:
+            layer = quantized_layers(model)[name]
+            for quantizer in self.candidates:
+                try:
+                    quantizer.check_fits((layer.out_features, layer.in_features))
+                except LqtkError as err:
+                    raise LqtkError(f"{name}: {err}") from err
+        self.__dict__.update(model=model, fp_model=fp_model, blocks=decoder_blocks(model))
+        self.trainer.limit_train_batches = 1  # a block's work is one step: it needs no calibration batch
+
+    def on_fit_start(self) -> None:
+        self.trainer.fit_loop.max_epochs = len(self.blocks)
+
+    def candidates_file(self, index: int) -> Path:
+        return Path(self.trainer.checkpoint_callback.dirpath).parent / "candidates" / f"{self.prefix(index)}safetensors"
+
+    def prefix(self, index: int) -> str:
+        return block_prefix(self.model, index)
+
+    # --- one block per epoch ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def training_step(self, batch, batch_idx) -> None:
+        start, index = time.perf_counter(), self.current_epoch
+        materialize(self.fp_model, index)
+        groups: dict[Path, list[str]] = {}
+        for name in (name for name in self.chosen if name.startswith(self.prefix(index))):
+            groups.setdefault(self.group_files[name], []).append(name)
+        tensors = {}
+        for file, names in groups.items():
+            _, hessian, inputs = load_group(file)
+            hessian = hessian.to(self.device)
+            weights = [self.fp_model.get_submodule(name).weight.detach().to(self.device) for name in names]
+            for c, quantizer in enumerate(self.candidates):
+                report(self, f"{', '.join(names)}: candidate {c + 1}/{len(self.candidates)}")
+                for name, weight, quantized in zip(names, weights, quantizer.quantize_shared(weights, hessian,
+                                                                                                inputs=inputs)):
+                    loss = output_error(weight - quantized.dequantize().to(weight.device), hessian)
+                    self.measurements.setdefault(name, []).append(
+                        {"bits": storage_bits(quantized.tensors), "loss": loss,
+                         "config": {"method": quantized.method, "format": quantized.format, **quantized.spec}})
+                    tensors.update({f"{c}/{name}.{key}": t.cpu().contiguous() for key, t in quantized.tensors.items()})
+        file = self.candidates_file(index)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(file.with_name(f".{file.name}.tmp")))
+        file.with_name(f".{file.name}.tmp").rename(file)
+        release(decoder_blocks(self.fp_model)[index])
+        self.quantize_time_s += time.perf_counter() - start
+
+    # --- the choice and the model -------------------------------------------------------------------------
+    def allocate(self) -> dict[str, int]:
+        """Each chosen layer's candidate: the only one, or the least-loss allocation within `budget_bits`."""
+        if self.budget_bits is None:
+            return dict.fromkeys(self.measurements, 0)
+        layers = quantized_layers(self.model)
+        weights = sum(m.in_features * m.out_features for m in layers.values())
+        kept = sum(storage_bits(m.tensors()) for name, m in layers.items() if name not in self.measurements)
+        names = list(self.measurements)
+        try:
+            picks = allocate([[c["bits"] for c in self.measurements[name]] for name in names],
+                             [[c["loss"] for c in self.measurements[name]] for name in names],
+                             self.budget_bits * weights - kept)
+        except ValueError as err:
+            least = (kept + sum(min(c["bits"] for c in self.measurements[name]) for name in names)) / weights
+            raise LqtkError(f"budget_bits {self.budget_bits} is out of reach ({err}): the fewest bits the candidates "
+                            f"allow is {least:.3f}; raise budget_bits and resume with --ckpt_path last (the "
+                            "measurements are kept), or add a candidate with fewer bits") from err
+        return dict(zip(names, picks))
+
+    def exported_model(self) -> torch.nn.Module:
+        """The calibrated model with every chosen layer replaced by its candidate (each changed block written to
+        `blocks/`, as a calibration does)."""
+        start = time.perf_counter()
+        self.allocation = self.allocate()
+        for index in range(len(self.blocks)):
+            names = [name for name in self.allocation if name.startswith(self.prefix(index))]
+            if not names:
+                continue
+            materialize(self.model, index)
+            with safe_open(self.candidates_file(index), "pt") as f:
+                for name in names:
+                    c = self.allocation[name]
+                    stored = f"{c}/{name}."
+                    tensors = {key[len(stored):]: f.get_tensor(key) for key in f.keys() if key.startswith(stored)}
+                    layer = quantized_linear_from_config(self.measurements[name][c]["config"], tensors,
+                                                         self.model.get_submodule(name).bias)
+                    set_submodule(self.model, name, layer)
+            folder = Path(self.trainer.checkpoint_callback.dirpath).parent / "blocks"
+            save_block(self.model, index, folder / f"{self.prefix(index)}safetensors")
+        self.quantize_time_s += time.perf_counter() - start
+        return self.model
+
+    def fp_reference(self) -> tuple[torch.nn.Module, str]:
+        return self.fp_model, self.fp_model_path
+
+    def phase_metrics(self) -> dict:
+        counts = [0] * len(self.candidates)
+        for c in (self.allocation or {}).values():
+            counts[c] += 1
+        return {"budget_bits": self.budget_bits, "candidates": self.identity()["candidates"],
+                "layers_per_candidate": counts, "allocation": self.allocation,
+                "proxy_loss": sum(self.measurements[name][c]["loss"] for name, c in (self.allocation or {}).items())}
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        candidates = [{"class": type(q).__qualname__, **dataclasses.asdict(q)} for q in self.candidates]
+        return {"model": str(self.model_path), "fp_model": str(self.fp_model_path), "candidates": candidates,
+                "layers": self.layers, "hessians": self.hessians}  # not budget_bits: the measurements serve any
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lqtk"] = {"phase": type(self).__name__, "identity": self.identity(),
+                              "measurements": self.measurements, "quantize_time_s": self.quantize_time_s}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checked_state(checkpoint, type(self).__name__, self.identity())
+        self.measurements, self.quantize_time_s = state["measurements"], state["quantize_time_s"]

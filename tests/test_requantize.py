@@ -1,0 +1,97 @@
+"""Re-quantization from cached Hessians (`Requantize`) and mixed precision under a bit budget: the allocation is the
+brute-force optimum, re-quantizing with the calibration's own method reproduces its export bit for bit, a budget
+is kept and beats every uniform candidate it can afford, and bad input is refused before any work."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from lqtk.phases.hessian_cache import group_files, load_group
+from lqtk.quant.allocation import allocate
+from test_cli import fails_with, recipe_args, run_lqtk
+
+DEBUG = REPO / "configs" / "debug"
+MIXED = str(DEBUG / "mixed-tiny.yaml")
+
+
+def test_allocation_is_the_brute_force_optimum():
+    rng = random.Random(0)
+    for _ in range(100):
+        layers, choices = rng.randint(1, 5), rng.randint(1, 4)
+        costs = [[rng.randint(1, 10) for _ in range(choices)] for _ in range(layers)]
+        losses = [[rng.random() for _ in range(choices)] for _ in range(layers)]
+        budget = rng.randint(sum(map(min, costs)), sum(map(max, costs)))
+        best = min(sum(losses[i][c] for i, c in enumerate(pick)) for pick in itertools.product(range(choices),
+                   repeat=layers) if sum(costs[i][c] for i, c in enumerate(pick)) <= budget)
+        picked = allocate(costs, losses, budget, resolution=budget)  # integer costs: the rounding is exact
+        assert sum(costs[i][c] for i, c in enumerate(picked)) <= budget
+        assert sum(losses[i][c] for i, c in enumerate(picked)) == pytest.approx(best, abs=1e-12)
+    with pytest.raises(ValueError, match="budget"):
+        allocate([[3, 4]], [[1.0, 0.5]], 2)
+
+
+@pytest.fixture(scope="module")
+def calibrated(corpus, tmp_path_factory):
+    """A GPTQ calibration of the tiny model that kept its Hessians."""
+    run_dir = tmp_path_factory.mktemp("requantize") / "gptq"
+    proc = run_lqtk(*recipe_args(corpus, run_dir), cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def requantize(corpus, calibrated, run_dir, *extra):
+    proc = run_lqtk(*recipe_args(corpus, run_dir, "--model.init_args.model", str(calibrated / "model"), *extra,
+                                 recipe=MIXED), cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_hessians_are_cached_per_group(calibrated):
+    files = group_files(calibrated / "hessians")
+    assert len(files) == 14 and len(set(files.values())) == 8  # 2 blocks: q/k/v, o, gate/up, down
+    linears, hessian, inputs = load_group(files["model.layers.1.self_attn.k_proj"])
+    assert linears == [f"model.layers.1.self_attn.{name}_proj" for name in "qkv"] and inputs is None
+    assert hessian.shape == (64, 64) and torch.allclose(hessian, hessian.T) and hessian.diagonal().min() > 0
+
+
+def gptq(**settings) -> str:
+    return json.dumps([{"class_path": "lqtk.quant.GPTQ", "init_args": settings}])
+
+
+def test_requantizing_with_the_calibrations_method_reproduces_its_export(corpus, calibrated, tmp_path):
+    """GPTQ is deterministic given W and H: the cached H must be the very one the calibration used."""
+    requantize(corpus, calibrated, tmp_path / "same", "--model.init_args.budget_bits", "null",  # gptq-tiny's:
+               "--model.init_args.candidates", gptq(bits=4, group_size=48, act_order=True, observer="minmax"))
+    expected = load_file(calibrated / "model" / "model.safetensors")
+    again = load_file(tmp_path / "same" / "model" / "model.safetensors")
+    assert expected.keys() == again.keys()
+    assert all(torch.equal(expected[name], again[name]) for name in expected)
+
+
+def test_mixed_precision_keeps_the_budget_and_beats_the_uniform_candidates_it_affords(corpus, calibrated, tmp_path):
+    metrics = requantize(corpus, calibrated, tmp_path / "mixed")
+    assert metrics["phase"] == "Requantize" and metrics["bits_per_weight"] <= metrics["budget_bits"]
+    config = json.loads((tmp_path / "mixed" / "model" / "config.json").read_text())["quantization_config"]
+    chosen = {name: layer["bits"] for name, layer in config["layers"].items()}
+    assert len(set(chosen.values())) > 1  # a real mix, recorded per layer in the export
+    assert {name: metrics["candidates"][c]["bits"] for name, c in metrics["allocation"].items()} == chosen
+    for c, candidate in enumerate(metrics["candidates"]):  # each uniform choice that fits loses more
+        uniform = requantize(corpus, calibrated, tmp_path / f"uniform-{c}", "--model.init_args.budget_bits", "null",
+                             "--model.init_args.candidates", gptq(bits=candidate["bits"],
+                                                                  group_size=candidate["group_size"]))
+        if uniform["bits_per_weight"] <= metrics["budget_bits"]:
+            assert metrics["proxy_loss"] <= uniform["proxy_loss"]
+
+
+def test_requantize_refuses_bad_input_with_one_clear_message(corpus, calibrated, tmp_path, capsys):
+    args = recipe_args(corpus, tmp_path / "run", "--model.init_args.model", str(calibrated / "model"), recipe=MIXED)
+    fails_with(capsys, [*args, "--model.init_args.budget_bits", "1.0"], "budget_bits 1.0 is out of reach")
+    fails_with(capsys, [*args, "--model.init_args.budget_bits", "null"], "no budget_bits to choose among them")
+    fails_with(capsys, [*args, "--model.init_args.hessians", str(tmp_path)], "holds no cached Hessians")
+    fails_with(capsys, [*args, "--model.init_args.layers", "[nothing]"], "matches layers")
+    assert not (tmp_path / "run" / "model").exists()
