@@ -176,17 +176,21 @@ def test_plain_transformers_loads_the_export_after_import_lqtk(debug_run):
 
 
 def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
-    args = ["sweep", DEBUG_RECIPE, "--root", str(tmp_path), *corpus_args(corpus)]
+    mixed = str(REPO / "configs" / "debug" / "mixed-tiny.yaml")
+    args = ["sweep", DEBUG_RECIPE, f"{DEBUG_RECIPE}+{mixed}", "--root", str(tmp_path), *corpus_args(corpus)]
     first = run_lqtk(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    run_dir = tmp_path / "gptq-tiny" / "gptq-tiny"
-    [result] = json.loads((tmp_path / "sweep.json").read_text())
-    assert result["name"] == "gptq-tiny" and result["run_dir"] == str(run_dir)
-    assert result["metrics"] == json.loads((run_dir / "metrics.json").read_text())
-    assert "| gptq | gptq-tiny |" in (tmp_path / "report.md").read_text() and (tmp_path / "pareto.png").is_file()
-    again = run_lqtk(*args, cwd=tmp_path)  # a finished run is not redone
-    assert again.returncode == 0 and "is finished" in again.stdout, again.stderr[-3000:]
-    assert json.loads((tmp_path / "sweep.json").read_text()) == [result]
+    assert first.stdout.count("gptq-tiny → ") == 1  # the chain's calibration is the first entry's run
+    results = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["name"], r["run_dir"]) for r in results] == [
+        ("gptq-tiny", str(tmp_path / "gptq-tiny")), ("gptq-tiny+mixed-tiny", str(tmp_path / "gptq-tiny+mixed-tiny"))]
+    for result in results:
+        assert result["metrics"] == json.loads((tmp_path / result["name"] / "metrics.json").read_text())
+    report = (tmp_path / "report.md").read_text()
+    assert "| gptq | gptq-tiny |" in report and (tmp_path / "pareto.png").is_file()
+    again = run_lqtk(*args, cwd=tmp_path)  # finished runs are not redone
+    assert again.returncode == 0 and "→" not in again.stdout, again.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep.json").read_text()) == results
 
 
 def test_sweep_with_a_missing_recipe_runs_nothing(capsys, tmp_path):
