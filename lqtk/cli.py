@@ -4,7 +4,7 @@
     lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml --dry_run true [--dry_run_output FILE.json]
     lqtk chain configs/smollm2-135m/aqlm-2x8-g8.yaml configs/smollm2-135m/aqlm-2x8-g8-ft.yaml [--root DIR] [ARGS]
     lqtk prepare-model [smollm2-135m | tiny-llama | tiny-qwen2 | tiny-gemma3 | tiny-phi3 | tiny-qwen2-moe]
-    lqtk evaluate --model DIR [--text FILE ...] --output FILE.json
+    lqtk evaluate --model DIR [--text FILE ...] [--tasks next_line last_word] --output FILE.json
 """
 
 import argparse
@@ -16,8 +16,10 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from transformers import AutoTokenizer
 
 from lqtk.data import TextDataModule, default_split
 from lqtk.dry_run import DryRun
@@ -27,6 +29,8 @@ from lqtk.export import ExportQuantized, bits_per_weight
 from lqtk.models import REFERENCE_MODELS, load_causal_lm, prepare_model, resolve_model
 from lqtk.phases.processes import BlockWalkStrategy
 from lqtk.report import write_report
+from lqtk.zero_shot import TASKS as ZERO_SHOT_TASKS
+from lqtk.zero_shot import zero_shot
 
 
 class LqtkCLI(LightningCLI):
@@ -88,8 +92,9 @@ def prepare_model_command(args: list[str]) -> None:
 
 
 def evaluate_command(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="lqtk evaluate", description="Perplexity of an fp or lqtk-quantized "
-                                     "model (text joined, tokenized once, non-overlapping windows, no BOS).")
+    parser = argparse.ArgumentParser(prog="lqtk evaluate", description="Perplexity (text joined, tokenized once, "
+                                     "non-overlapping windows, no BOS) and zero-shot accuracy (--tasks) of an fp or "
+                                     "lqtk-quantized model.")
     parser.add_argument("--model", required=True, help="Model folder or reference model name.")
     parser.add_argument("--text", nargs="+", help="Text files (default: the default corpus's evaluation plays).")
     parser.add_argument("--output", required=True, help="JSON file to write.")
@@ -97,15 +102,27 @@ def evaluate_command(args: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     parser.add_argument("--bos", action="store_true", help="Start each window with the BOS token.")
     parser.add_argument("--max-windows", type=int, help="Only the first N windows (a quick check).")
+    parser.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True,
+                        help="Measure perplexity (--no-perplexity: zero-shot tasks only).")
+    parser.add_argument("--tasks", nargs="+", choices=ZERO_SHOT_TASKS, default=[],
+                        help="Zero-shot multiple-choice tasks (lm-eval scoring), made from the --text files.")
+    parser.add_argument("--task-items", type=int, default=200, help="Items per zero-shot task.")
     opts = parser.parse_args(args)
-    data = TextDataModule(tokenizer=opts.model, evaluation_files=opts.text or default_split()[1],
-                          seq_len=opts.seq_len, bos=opts.bos, batch_size=opts.batch_size)
+    text = opts.text or default_split()[1]
+    data = TextDataModule(tokenizer=opts.model, evaluation_files=text, seq_len=opts.seq_len, bos=opts.bos,
+                          batch_size=opts.batch_size)
     model = load_causal_lm(opts.model, lazy=True)  # blocks loaded one at a time by the streamed evaluation
+    result = {"bits_per_weight": bits_per_weight(model), "model": str(resolve_model(opts.model)),
+              "text": opts.text or "default evaluation split"}
     start = time.perf_counter()
-    ppl, tokens = perplexity(model, data.evaluation_windows()[: opts.max_windows], opts.batch_size)
-    result = {"perplexity": ppl, "tokens": tokens, "seq_len": opts.seq_len, "bos": opts.bos,
-              "bits_per_weight": bits_per_weight(model), "model": str(resolve_model(opts.model)),
-              "text": opts.text or "default evaluation split", "eval_time_s": time.perf_counter() - start}
+    if opts.perplexity:
+        ppl, tokens = perplexity(model, data.evaluation_windows()[: opts.max_windows], opts.batch_size)
+        result.update(perplexity=ppl, tokens=tokens, seq_len=opts.seq_len, bos=opts.bos)
+    if opts.tasks:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(opts.model))
+        result.update(zero_shot=zero_shot(model, tokenizer, opts.tasks, text, opts.task_items),
+                      task_items=opts.task_items)
+    result["eval_time_s"] = time.perf_counter() - start
     Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
@@ -161,6 +178,10 @@ def sweep_command(args: list[str]) -> None:
     parser.add_argument("entries", nargs="+", help="Recipes, or chains of recipes joined by '+'.")
     parser.add_argument("--root", required=True, help="Folder of the sweep's runs.")
     parser.add_argument("--report-dir", help="Where report.md and pareto.png go (default: ROOT).")
+    parser.add_argument("--tasks", nargs="+", choices=ZERO_SHOT_TASKS, default=[],
+                        help="Also score every run's export and the fp model on these zero-shot tasks (kept in "
+                        "<run>/zero_shot.json and ROOT/fp/zero_shot.json).")
+    parser.add_argument("--task-items", type=int, default=200, help="Items per zero-shot task.")
     opts, shared = parser.parse_known_args(args)  # the rest goes to every phase, e.g. --data.calibration_files
     chains = [[Path(config) for config in entry.split("+")] for entry in opts.entries]
     missing = [str(config) for configs in chains for config in configs if not config.is_file()]
@@ -172,10 +193,44 @@ def sweep_command(args: list[str]) -> None:
         name = "+".join(stems)  # phase k runs in ROOT/<stems up to k>: entries with a common start share its runs
         last = run_chain(configs, [root / "+".join(stems[: k + 1]) for k in range(len(stems))], shared)
         results.append({"name": name, "recipes": [str(config) for config in configs], "run_dir": str(last),
-                        "metrics": json.loads((last / "metrics.json").read_text())})
-    (root / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
-    report, plot = write_report(results, Path(opts.report_dir or root))
+                        "metrics": json.loads((last / "metrics.json").read_text()),
+                        "size_mb": folder_mb(last / "model"),
+                        **({"zero_shot": scored(last / "model", last / "zero_shot.json", opts)} if opts.tasks else {})})
+    first = json.loads((root / chains[0][0].stem / "metrics.json").read_text())  # calibrated from the fp model
+    fp_dir = resolve_model(first["model"])
+    fp = {"model": str(fp_dir), "bits_per_weight": fp_bits(fp_dir), "size_mb": folder_mb(fp_dir),
+          "perplexity": first["fp_perplexity"],
+          **({"zero_shot": scored(fp_dir, root / "fp" / "zero_shot.json", opts)} if opts.tasks else {})}
+    (root / "sweep.json").write_text(json.dumps({"fp": fp, "runs": results}, indent=2) + "\n")
+    report, plot = write_report(results, Path(opts.report_dir or root), fp)
     print(f"lqtk sweep: {len(results)} runs in {root / 'sweep.json'}; report {report}, plot {plot}", flush=True)
+
+
+def scored(model: Path, output: Path, opts) -> dict:
+    """The zero-shot scores of `model` kept in `output`, measured by `lqtk evaluate` if not there yet (or for
+    other tasks or items)."""
+    if output.exists():
+        kept = json.loads(output.read_text())
+        if set(kept["zero_shot"]) == set(opts.tasks) and kept["task_items"] == opts.task_items:
+            return kept["zero_shot"]
+    print(f"lqtk sweep: zero-shot tasks of {model}", flush=True)
+    command = [sys.executable, "-m", "lqtk.cli", "evaluate", "--model", str(model), "--no-perplexity", "--tasks",
+               *opts.tasks, "--task-items", str(opts.task_items), "--output", str(output)]
+    if subprocess.run(command).returncode != 0:
+        raise LqtkError(f"the zero-shot evaluation of {model} failed (see above); run the same command again")
+    return json.loads(output.read_text())["zero_shot"]
+
+
+def folder_mb(folder: Path) -> float:
+    """Size of a model folder's weights (its safetensors files) in MB."""
+    return sum(file.stat().st_size for file in Path(folder).glob("*.safetensors")) / 1e6
+
+
+def fp_bits(folder: Path) -> int:
+    """Bits per weight of an fp model folder, from the dtype its config records."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, dtype).itemsize * 8
 
 
 def recipe_root_dir(config: Path) -> str:
@@ -194,7 +249,7 @@ commands:
   chain          run recipes one after another, each phase on the previous one's export
   sweep          run several recipes (or chains) on one model and gather their metrics
   prepare-model  build a reference model (smollm2-135m, tiny-llama, tiny-<arch>) into the cache folder
-  evaluate       perplexity of an fp or lqtk-quantized model on text files
+  evaluate       perplexity and zero-shot accuracy of an fp or lqtk-quantized model
 
 `lqtk <command> --help` lists a command's options; a stopped `fit` continues with --ckpt_path last,
 a stopped `chain` or `sweep` with the same command again."""

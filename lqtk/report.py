@@ -3,7 +3,15 @@ bits/weight against perplexity, one marker per method, the fp perplexity as a li
 
 from pathlib import Path
 
-COLUMNS = ["method", "recipe", "bits/weight", "perplexity", "× fp", "quantize time (s)", "peak memory (GB)"]
+from lqtk.zero_shot import PRIMARY_METRIC
+
+COLUMNS = ["method", "recipe", "bits/weight", "size (MB)", "perplexity", "× fp"]
+TIMES = ["quantize time (s)", "peak memory (GB)"]
+
+
+def method(metrics: dict) -> str:
+    """The method's name, with `mixed` for a mixed-precision allocation (one marker per name in the plot)."""
+    return f"mixed {metrics['method']}" if metrics.get("budget_bits") is not None else metrics["method"]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -18,13 +26,27 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def table(results: list[dict]) -> str:
-    rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def table(results: list[dict], fp: dict | None = None) -> str:
+    """A row per run (by bits/weight), the fp model's first when given: {model, bits_per_weight, size_mb,
+    perplexity, zero_shot}. Zero-shot columns: each task's primary metric (lqtk.zero_shot.PRIMARY_METRIC), in %."""
+    tasks = sorted({task for r in results for task in r.get("zero_shot", {})} | set((fp or {}).get("zero_shot", {})))
+    zero_shot = [f"{task} ({PRIMARY_METRIC[task]}, %)" for task in tasks]
+    rows = ["| " + " | ".join(COLUMNS + zero_shot + TIMES) + " |", "|" + "---|" * len(COLUMNS + zero_shot + TIMES)]
+
+    def accuracy(scores: dict) -> list[str]:
+        return [f"{100 * scores[task][PRIMARY_METRIC[task]]:.1f}" if task in scores else "" for task in tasks]
+
+    if fp is not None:
+        rows.append(f"| fp | {Path(fp['model']).name} | {fp['bits_per_weight']} | {fp['size_mb']:.0f} | "
+                    f"{fp['perplexity']:.3f} | 1.000 | " + " | ".join(accuracy(fp.get("zero_shot", {})) + ["", ""]) +
+                    " |")
     for result in sorted(results, key=lambda r: (r["metrics"]["bits_per_weight"], r["metrics"]["perplexity"])):
         m = result["metrics"]
-        rows.append(f"| {m['method']} | {result['name']} | {m['bits_per_weight']:.3f} | "
-                    f"{m['perplexity']:.3f} | {m['perplexity'] / m['fp_perplexity']:.3f} | "
-                    f"{m['quantize_time_s']:.0f} | {m['peak_rss_bytes'] / 1e9:.2f} |")
+        cells = [method(m), result["name"], f"{m['bits_per_weight']:.3f}", f"{result.get('size_mb', 0):.0f}",
+                 f"{m['perplexity']:.3f}", f"{m['perplexity'] / m['fp_perplexity']:.3f}",
+                 *accuracy(result.get("zero_shot", {})), f"{m['quantize_time_s']:.0f}",
+                 f"{m['peak_rss_bytes'] / 1e9:.2f}"]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -36,9 +58,9 @@ def pareto_plot(results: list[dict], path: Path) -> None:
 
     points = [(r["metrics"]["bits_per_weight"], r["metrics"]["perplexity"]) for r in results]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in sorted({r["metrics"]["method"] for r in results}):
-        mine = [p for p, r in zip(points, results) if r["metrics"]["method"] == method]
-        ax.scatter(*zip(*mine), label=method)
+    for name in sorted({method(r["metrics"]) for r in results}):
+        mine = [p for p, r in zip(points, results) if method(r["metrics"]) == name]
+        ax.scatter(*zip(*mine), label=name)
     front = [points[i] for i in pareto_front(points)]
     ax.plot(*zip(*front), color="black", linewidth=1, label="Pareto front")
     ax.axhline(results[0]["metrics"]["fp_perplexity"], color="gray", linestyle="--", label="fp")
@@ -49,11 +71,12 @@ def pareto_plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[dict], output_dir: Path) -> tuple[Path, Path]:
-    """report.md and pareto.png in `output_dir` from a sweep's results (the entries of its sweep.json)."""
+def write_report(results: list[dict], output_dir: Path, fp: dict | None = None) -> tuple[Path, Path]:
+    """report.md and pareto.png in `output_dir` from a sweep's results (the entries of its sweep.json) and the fp
+    model's figures (`table`)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     png = output_dir / "pareto.png"
     pareto_plot(results, png)
     md = output_dir / "report.md"
-    md.write_text(f"{table(results)}\n\n![bits/weight against perplexity]({png.name})\n")
+    md.write_text(f"{table(results, fp)}\n\n![bits/weight against perplexity]({png.name})\n")
     return md, png

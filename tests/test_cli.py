@@ -177,20 +177,26 @@ def test_plain_transformers_loads_the_export_after_import_lqtk(debug_run):
 
 def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
     mixed = str(REPO / "configs" / "debug" / "mixed-tiny.yaml")
-    args = ["sweep", DEBUG_RECIPE, f"{DEBUG_RECIPE}+{mixed}", "--root", str(tmp_path), *corpus_args(corpus)]
+    args = ["sweep", DEBUG_RECIPE, f"{DEBUG_RECIPE}+{mixed}", "--root", str(tmp_path), "--tasks", "last_word",
+            "--task-items", "10", *corpus_args(corpus)]
     first = run_lqtk(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("gptq-tiny → ") == 1  # the chain's calibration is the first entry's run
-    results = json.loads((tmp_path / "sweep.json").read_text())
+    assert first.stdout.count("zero-shot tasks of") == 3  # each export and the fp model
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    results = sweep["runs"]
     assert [(r["name"], r["run_dir"]) for r in results] == [
         ("gptq-tiny", str(tmp_path / "gptq-tiny")), ("gptq-tiny+mixed-tiny", str(tmp_path / "gptq-tiny+mixed-tiny"))]
     for result in results:
         assert result["metrics"] == json.loads((tmp_path / result["name"] / "metrics.json").read_text())
+        assert 0 < result["size_mb"] < sweep["fp"]["size_mb"] and 0 <= result["zero_shot"]["last_word"]["acc"] <= 1
+    assert sweep["fp"]["bits_per_weight"] == 32 and sweep["fp"]["perplexity"] == results[0]["metrics"]["fp_perplexity"]
     report = (tmp_path / "report.md").read_text()
-    assert "| gptq | gptq-tiny |" in report and (tmp_path / "pareto.png").is_file()
-    again = run_lqtk(*args, cwd=tmp_path)  # finished runs are not redone
-    assert again.returncode == 0 and "→" not in again.stdout, again.stderr[-3000:]
-    assert json.loads((tmp_path / "sweep.json").read_text()) == results
+    assert "| fp | tiny-llama | 32 |" in report and "| gptq | gptq-tiny |" in report and "| mixed gptq |" in report
+    assert (tmp_path / "pareto.png").is_file()
+    again = run_lqtk(*args, cwd=tmp_path)  # finished runs and scores are not redone
+    assert again.returncode == 0 and "→" not in again.stdout and "zero-shot" not in again.stdout, again.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep.json").read_text()) == sweep
 
 
 def test_sweep_with_a_missing_recipe_runs_nothing(capsys, tmp_path):
