@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A constraint, not a requirement: it stops pip from ever pulling a CUDA build of torch.
 CONSTRAINT := .ci/constraints.txt
 
-.PHONY: install quickstart test lint
+.PHONY: install quickstart test lint report
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,17 @@ test: install
 
 lint: install
 	$(BIN)/ruff check lqtk tests scripts
+
+# The comparison of the landed methods on the reference model (README "Comparison"): every entry's run in runs/report
+# (finished runs are kept: after a stop, `make report` continues), then the table and Pareto plot into docs/report/
+# and the README. `rm -r runs/report` first rebuilds it from scratch (about 2.5 h on 2 CPU cores).
+R := configs/smollm2-135m
+REPORT_ENTRIES := $(R)/gptq-w4g128.yaml $(R)/gptq-w4g128.yaml+$(R)/mixed-3.0.yaml \
+	$(R)/gptq-w4g128.yaml+$(R)/mixed-2.5.yaml $(R)/rtn-w4g128.yaml $(R)/rtn-w3g128.yaml $(R)/gptq-w3g128.yaml \
+	$(R)/gptq-w2g64.yaml $(R)/leanquant-nu-w3.yaml $(R)/quip-w2.yaml $(R)/quip-w3.yaml $(R)/gptq-w4a8.yaml \
+	$(R)/aqlm-2x8-g8.yaml
+
+report: install
+	$(BIN)/lqtk prepare-model smollm2-135m
+	$(BIN)/lqtk sweep $(REPORT_ENTRIES) --root runs/report --report-dir docs/report --tasks next_line last_word
+	$(BIN)/python scripts/report_readme.py docs/report

@@ -50,6 +50,22 @@ def table(results: list[dict], fp: dict | None = None) -> str:
     return "\n".join(rows)
 
 
+def mixed_comparison(results: list[dict]) -> list[str]:
+    """For each mixed-precision run: how its perplexity compares with every uniform run at the same or more bits."""
+    lines = []
+    for mixed in (r for r in results if r["metrics"].get("budget_bits") is not None):
+        bits, ppl = mixed["metrics"]["bits_per_weight"], mixed["metrics"]["perplexity"]
+        uniform = [r for r in results if r["metrics"].get("budget_bits") is None
+                   and r["metrics"]["bits_per_weight"] >= bits]
+        beaten = [r["name"] for r in uniform if r["metrics"]["perplexity"] > ppl]
+        better = [f"{r['name']} ({r['metrics']['bits_per_weight']:.3f} bits, {r['metrics']['perplexity']:.3f})"
+                  for r in uniform if r["metrics"]["perplexity"] <= ppl]
+        lines.append(f"- {mixed['name']} ({bits:.3f} bits/weight, perplexity {ppl:.3f}) is lower than "
+                     f"{len(beaten)} of the {len(uniform)} uniform runs at {bits:.3f} bits/weight or more"
+                     + (f"; not lower than {', '.join(better)}" if better else ""))
+    return lines
+
+
 def pareto_plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -78,5 +94,8 @@ def write_report(results: list[dict], output_dir: Path, fp: dict | None = None) 
     png = output_dir / "pareto.png"
     pareto_plot(results, png)
     md = output_dir / "report.md"
-    md.write_text(f"{table(results, fp)}\n\n![bits/weight against perplexity]({png.name})\n")
+    comparison = mixed_comparison(results)
+    parts = [table(results, fp), *(["\n".join(comparison)] if comparison else []),
+             f"![bits/weight against perplexity]({png.name})"]
+    md.write_text("\n\n".join(parts) + "\n")
     return md, png

@@ -28,4 +28,6 @@ def test_report_has_a_row_per_run_and_a_plot(tmp_path):
     assert rows[2] == "| fp | smollm2-135m | 32 | 538 | 40.000 | 1.000 | 74.5 |  |  |"
     assert rows[3] == "| mixed gptq | mixed-2.5 | 2.500 | 150 | 80.000 | 2.000 | 60.0 | 10 | 1.00 |"
     assert rows[4].startswith("| gptq | gptq-w4g128 | 4.190 | 170 |")
+    assert rows[6] == ("- mixed-2.5 (2.500 bits/weight, perplexity 80.000) is lower than 0 of the 1 uniform runs at "
+                       "2.500 bits/weight or more; not lower than gptq-w4g128 (4.190 bits, 46.400)")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -31,7 +31,7 @@ from lqtk.nn import quantized_layers, set_submodule
 from lqtk.nn.quantized_linear import quantized_linear_from_config
 from lqtk.phases.hessian_cache import group_files, load_group
 from lqtk.phases.walk import BlockCheckpoint, BlockProgressBar, checked_state, report
-from lqtk.quant.allocation import allocate, output_error
+from lqtk.quant.allocation import allocate, output_error, output_fisher
 from lqtk.quant.base import WeightQuantizer, storage_bits
 from lqtk.streaming import block_prefix, materialize, release, save_block
 
@@ -48,10 +48,13 @@ class Requantize(LightningModule):
             allocation must not exceed.
         layers: Regular expressions (searched in the full names) of the Linears to re-quantize; default: all.
         hessians: The cached Hessians (default: `hessians/` beside `model`).
+        sensitivity_windows: With `budget_bits`, weigh each layer's output error per channel by the diagonal Fisher
+            of its output (lqtk.quant.allocation), measured with the fp model's loss on this many calibration windows
+            (one forward and backward of the whole fp model, which must fit in memory); 0: unweighted.
     """
 
     def __init__(self, model: str, fp_model: str, candidates: list[WeightQuantizer], budget_bits: float | None = None,
-                 layers: list[str] | None = None, hessians: str | None = None):
+                 layers: list[str] | None = None, hessians: str | None = None, sensitivity_windows: int = 16):
         super().__init__()
         if not candidates:
             raise LqtkError("Requantize has no candidates: name at least one quantizer")
@@ -60,6 +63,8 @@ class Requantize(LightningModule):
                             "(average bits/weight), or keep one candidate")
         self.model_path, self.fp_model_path, self.hessians = model, fp_model, hessians
         self.candidates, self.budget_bits, self.layers = candidates, budget_bits, layers
+        self.sensitivity_windows = sensitivity_windows if budget_bits is not None else 0
+        self.fisher: dict[str, torch.Tensor] | None = None  # chosen layer -> its output channels' weights
         self.automatic_optimization = False
         self.measurements: dict[str, list[dict]] = {}  # chosen layer -> per candidate: bits, loss, layer config
         self.quantize_time_s = 0.0
@@ -113,9 +118,22 @@ class Requantize(LightningModule):
         return block_prefix(self.model, index)
 
     # --- one block per epoch ------------------------------------------------------------------------------
-    @torch.no_grad()
     def training_step(self, batch, batch_idx) -> None:
         start, index = time.perf_counter(), self.current_epoch
+        if self.sensitivity_windows and self.fisher is None:
+            report(self, f"the fp model's output sensitivities on {self.sensitivity_windows} windows")
+            windows = self.trainer.datamodule.calibration_windows()[: self.sensitivity_windows]
+            fp_model = load_causal_lm(self.fp_model_path).requires_grad_(False).to(self.device)
+            self.fisher = {name: f.cpu() for name, f in output_fisher(fp_model, windows.to(self.device),
+                                                                      self.chosen).items()}
+            del fp_model
+        with torch.no_grad():
+            self.measure_block(index)
+        self.quantize_time_s += time.perf_counter() - start
+
+    def measure_block(self, index: int) -> None:
+        """Quantize block `index`'s chosen layers with every candidate: their bits and proxy losses into
+        `measurements`, their tensors into the block's candidates file."""
         materialize(self.fp_model, index)
         groups: dict[Path, list[str]] = {}
         for name in (name for name in self.chosen if name.startswith(self.prefix(index))):
@@ -129,9 +147,10 @@ class Requantize(LightningModule):
                 report(self, f"{', '.join(names)}: candidate {c + 1}/{len(self.candidates)}")
                 for name, weight, quantized in zip(names, weights, quantizer.quantize_shared(weights, hessian,
                                                                                                 inputs=inputs)):
-                    loss = output_error(weight - quantized.dequantize().to(weight.device), hessian)
+                    delta = weight - quantized.dequantize().to(weight.device)
+                    sensitivity = None if self.fisher is None else self.fisher[name] / 2
                     self.measurements.setdefault(name, []).append(
-                        {"bits": storage_bits(quantized.tensors), "loss": loss,
+                        {"bits": storage_bits(quantized.tensors), "loss": output_error(delta, hessian, sensitivity),
                          "config": {"method": quantized.method, "format": quantized.format, **quantized.spec}})
                     tensors.update({f"{c}/{name}.{key}": t.cpu().contiguous() for key, t in quantized.tensors.items()})
         file = self.candidates_file(index)
@@ -139,7 +158,6 @@ class Requantize(LightningModule):
         save_file(tensors, str(file.with_name(f".{file.name}.tmp")))
         file.with_name(f".{file.name}.tmp").rename(file)
         release(decoder_blocks(self.fp_model)[index])
-        self.quantize_time_s += time.perf_counter() - start
 
     # --- the choice and the model -------------------------------------------------------------------------
     def allocate(self) -> dict[str, int]:
@@ -199,12 +217,14 @@ class Requantize(LightningModule):
     def identity(self) -> dict:
         candidates = [{"class": type(q).__qualname__, **dataclasses.asdict(q)} for q in self.candidates]
         return {"model": str(self.model_path), "fp_model": str(self.fp_model_path), "candidates": candidates,
-                "layers": self.layers, "hessians": self.hessians}  # not budget_bits: the measurements serve any
+                "layers": self.layers, "hessians": self.hessians,  # not budget_bits: the measurements serve any
+                "sensitivity_windows": self.sensitivity_windows}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lqtk"] = {"phase": type(self).__name__, "identity": self.identity(),
+        checkpoint["lqtk"] = {"phase": type(self).__name__, "identity": self.identity(), "fisher": self.fisher,
                               "measurements": self.measurements, "quantize_time_s": self.quantize_time_s}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checked_state(checkpoint, type(self).__name__, self.identity())
         self.measurements, self.quantize_time_s = state["measurements"], state["quantize_time_s"]
+        self.fisher = state["fisher"]
