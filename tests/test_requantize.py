@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from lqtk.phases.hessian_cache import group_files, load_group
-from lqtk.quant.allocation import allocate
+from lqtk.models import load_causal_lm, prepare_model
+from lqtk.quant.allocation import allocate, output_error, output_fisher
 from test_cli import fails_with, recipe_args, run_lqtk
 
 DEBUG = REPO / "configs" / "debug"
@@ -33,6 +34,27 @@ def test_allocation_is_the_brute_force_optimum():
         assert sum(losses[i][c] for i, c in enumerate(picked)) == pytest.approx(best, abs=1e-12)
     with pytest.raises(ValueError, match="budget"):
         allocate([[3, 4]], [[1.0, 0.5]], 2)
+
+
+def test_output_fisher_is_the_mean_squared_loss_gradient_of_each_output():
+    model = load_causal_lm(prepare_model("tiny-llama")).requires_grad_(False)
+    windows = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    fisher = output_fisher(model, windows, names, batch_size=2)
+    for name in names:  # the reference: autograd of the summed loss with respect to the kept output, per window
+        total = 0
+        for window in windows:
+            outputs = []
+            hook = model.get_submodule(name).register_forward_hook(lambda m, a, out: outputs.append(out))
+            model.model.embed_tokens.register_forward_hook(lambda m, a, out: out.requires_grad_())
+            logits = model(window[None]).logits[0, :-1]
+            hook.remove()
+            model.model.embed_tokens._forward_hooks.clear()
+            loss = torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum")
+            total = total + torch.autograd.grad(loss, outputs[0])[0][0].pow(2).sum(0)
+        assert torch.allclose(fisher[name], total / (3 * 11), rtol=1e-4, atol=1e-10)
+    delta, hessian = torch.randn(4, 6), torch.eye(6)
+    assert output_error(delta, hessian, torch.tensor([1.0, 0, 0, 0])) == pytest.approx(delta[0].pow(2).sum().item())
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +102,9 @@ def test_mixed_precision_keeps_the_budget_and_beats_the_uniform_candidates_it_af
     chosen = {name: layer["bits"] for name, layer in config["layers"].items()}
     assert len(set(chosen.values())) > 1  # a real mix, recorded per layer in the export
     assert {name: metrics["candidates"][c]["bits"] for name, c in metrics["allocation"].items()} == chosen
-    for c, candidate in enumerate(metrics["candidates"]):  # each uniform choice that fits loses more
-        uniform = requantize(corpus, calibrated, tmp_path / f"uniform-{c}", "--model.init_args.budget_bits", "null",
+    for c, candidate in enumerate(metrics["candidates"]):  # each uniform choice that fits loses more (a budget that
+        # any candidate fits: the same Fisher-weighted proxy loss)
+        uniform = requantize(corpus, calibrated, tmp_path / f"uniform-{c}", "--model.init_args.budget_bits", "99",
                              "--model.init_args.candidates", gptq(bits=candidate["bits"],
                                                                   group_size=candidate["group_size"]))
         if uniform["bits_per_weight"] <= metrics["budget_bits"]:
