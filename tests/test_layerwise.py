@@ -1,14 +1,15 @@
 """LayerwiseCalibration's walk in-process on the tiny model: the replay of finished sub-modules changes no bit of the
-result, and a non-sequential walk gives every group of Linears its own Hessian."""
+result, a non-sequential walk gives every group of Linears its own Hessian, and layer_quantizers pick per Linear."""
 
 import pytest
 import torch
 from lightning import Trainer
 
 from lqtk.data import TextDataModule
+from lqtk.models import load_causal_lm
 from lqtk.nn import quantized_layers
 from lqtk.phases import LayerwiseCalibration
-from lqtk.quant import GPTQ
+from lqtk.quant import GPTQ, RTN
 from lqtk.streaming import materialize_all
 
 
@@ -62,3 +63,16 @@ def test_bf16_forwards_quantize_about_as_well_as_fp32(corpus, tmp_path):
     assert bf16.inputs.dtype == torch.float32  # cached activations stay fp32
     for name, error in fp32.layer_errors.items():
         assert bf16.layer_errors[name] == pytest.approx(error, rel=0.2), name
+
+
+def test_layer_quantizers_override_the_quantizer_of_the_linears_they_match(corpus, tmp_path):
+    rtn = RTN(bits=3, group_size=16)  # takes no Hessian: its result is known without the walk
+    phase = calibrate(corpus, tmp_path, layer_quantizers={r"\.v_proj$": rtn, "down_proj": GPTQ(bits=2, group_size=32)})
+    fp = load_causal_lm("tiny-llama")
+    for name, layer in quantized_layers(phase.model).items():
+        expected = {"v_proj": ("rtn", 3), "down_proj": ("gptq", 2)}.get(name.rsplit(".", 1)[1], ("gptq", 3))
+        assert (layer.method, layer.spec["bits"]) == expected
+    materialize_all(phase.model)
+    name = "model.layers.1.self_attn.v_proj"
+    alone = rtn.quantize(fp.get_submodule(name).weight.detach(), None)
+    assert all(torch.equal(t, alone.tensors[key]) for key, t in quantized_layers(phase.model)[name].tensors().items())

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from lqtk.phases.hessian_cache import group_files, load_group
 from lqtk.models import load_causal_lm, prepare_model
+from lqtk.phases.hessian_cache import group_files, load_group
 from lqtk.quant.allocation import allocate, output_error, output_fisher
 from test_cli import fails_with, recipe_args, run_lqtk
 

@@ -32,6 +32,7 @@ quantized block. Process 0 writes the block files, the checkpoints and the expor
 
 import dataclasses
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -89,6 +90,9 @@ class LayerwiseCalibration(BlockWalk):
             AMX), and about 8x slower on CPUs without them (AVX2).
         activations_on_disk: Keep the (N, T, D) block inputs and outputs in memory-mapped files in the run folder
             (`activations/`) rather than in memory; also chosen when they do not fit in the memory left.
+        layer_quantizers: Regular expressions (searched in the Linears' full names) → the quantizer of the Linears they
+            match, in place of `quantizer` (the first match wins; GPTQModel's `dynamic`), e.g. `{"mlp.down_proj":
+            <a 4-bit GPTQ>}`. Linears that read the same input and take different quantizers share its Hessian.
         save_hessians: Keep each group's Hessian (and input sample) in the run folder's `hessians/`
             (lqtk.phases.hessian_cache), for re-quantizing its layers later without running the model
             (`lqtk.phases.Requantize`: other bits, groups or methods, or a mixed-precision allocation).
@@ -97,14 +101,18 @@ class LayerwiseCalibration(BlockWalk):
     def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None,
                  block_tuning: BlockTuning | None = None, fallback_below: float = 0.005, replay: bool = True,
                  compute_dtype: Literal["float32", "bfloat16"] = "float32", activations_on_disk: bool = False,
-                 save_hessians: bool = False):
+                 save_hessians: bool = False, layer_quantizers: dict[str, WeightQuantizer] | None = None):
         super().__init__()
         self.model_path, self.quantizer, self.sequential = model, quantizer, sequential
         self.skip = tuple(ROUTER_LINEARS if skip is None else skip)
         self.block_tuning, self.fallback_below, self.replay = block_tuning, fallback_below, replay
         self.compute_dtype = getattr(torch, compute_dtype)
         self.activations_on_disk, self.save_hessians = activations_on_disk, save_hessians
-        if save_hessians and not quantizer.needs_hessian:
+        self.layer_quantizers = dict(layer_quantizers or {})
+        quantizers = [quantizer, *self.layer_quantizers.values()]
+        self.needs_hessian = any(q.needs_hessian for q in quantizers)
+        self.input_sample_rows = max(q.input_sample_rows for q in quantizers)
+        if save_hessians and not self.needs_hessian:
             raise LqtkError(f"save_hessians is set but {type(quantizer).__name__} takes no Hessian, so none is "
                             "collected: set save_hessians false, or calibrate with a method that takes one (GPTQ)")
         self.finished_blocks: list[int] = []  # blocks written to their block files
@@ -130,13 +138,17 @@ class LayerwiseCalibration(BlockWalk):
         for i, block in enumerate(self.blocks):
             for name, linear in self._linears(block).items():
                 try:
-                    self.quantizer.check_fits(tuple(linear.weight.shape))
+                    self.quantizer_for(self.block_prefix(i) + name).check_fits(tuple(linear.weight.shape))
                 except LqtkError as err:
                     raise LqtkError(f"{self.block_prefix(i)}{name}: {err}") from err
         self._check_memory()
         # per block, found when the walk reaches it (`_plan_block`)
         self.passes: list[list | None] = [None] * len(self.blocks)
         self.tails: list[dict | None] = [None] * len(self.blocks)
+
+    def quantizer_for(self, name: str) -> WeightQuantizer:
+        """The quantizer of the Linear `name` (full name): the first `layer_quantizers` match, else `quantizer`."""
+        return next((q for pattern, q in self.layer_quantizers.items() if re.search(pattern, name)), self.quantizer)
 
     def _linears(self, block) -> dict:
         return {name: m for name, m in linear_layers(block).items() if not name.endswith(self.skip)}
@@ -262,7 +274,7 @@ class LayerwiseCalibration(BlockWalk):
         """Run one batch through the block, adding it to the Hessian of every group of the pass (a group's Linears
         share their input: a hook on its first Linear does it). A single group stops the forward there; with several
         (MoE experts), any of them may still come, so the block runs to its end."""
-        if not self.quantizer.needs_hessian:
+        if not self.needs_hessian:
             return
         self.report(f"calibrating {', '.join(groups[0])}" + (f" and {len(groups) - 1} more" if groups[1:] else ""))
         _, hidden, kwargs = self.batch(batch_index)
@@ -326,7 +338,7 @@ class LayerwiseCalibration(BlockWalk):
         """Input rows each calibration batch contributes to a group's sample (the quantizer's `input_sample_rows`
         spread over all batches)."""
         data = self.trainer.datamodule
-        return -(-self.quantizer.input_sample_rows * data.batch_size // data.num_calibration_windows)
+        return -(-self.input_sample_rows * data.batch_size // data.num_calibration_windows)
 
     def _group_hessian(self, names: list[str], owner: int) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
         """On the owner of the group: the Hessian its Linears are quantized with, every process's part merged (None
@@ -335,7 +347,7 @@ class LayerwiseCalibration(BlockWalk):
         fewer than `fallback_below` of the calibration tokens, or none: a Hessian of a few tokens is nearly singular,
         and without tokens GPTQ would take every column as dead and zero it."""
         accumulator = self.hessians.pop(names[0], None)
-        if not self.quantizer.needs_hessian:
+        if not self.needs_hessian:
             return None, None, False
         parts = gather_to(owner, ({}, 0, {}) if accumulator is None else accumulator.partial())
         if parts is None:
@@ -355,12 +367,18 @@ class LayerwiseCalibration(BlockWalk):
         linears = [self.block.get_submodule(name) for name in names]
         label = ", ".join(names)
         self.report(f"quantizing {label}")
-        try:
-            weights = self.quantizer.quantize_shared(
-                [linear.weight.detach() for linear in linears], hessian,
-                progress=lambda status: self.report(f"quantizing {label}: {status}"), inputs=inputs)
-        except LqtkError as err:
-            raise LqtkError(f"{prefix}{label}: {err}") from err
+        quantizers = [self.quantizer_for(prefix + name) for name in names]
+        weights = [None] * len(names)
+        for quantizer in {id(q): q for q in quantizers}.values():  # each quantizer's Linears together
+            members = [i for i, q in enumerate(quantizers) if q is quantizer]
+            try:
+                results = quantizer.quantize_shared(
+                    [linears[i].weight.detach() for i in members], hessian,
+                    progress=lambda status: self.report(f"quantizing {label}: {status}"), inputs=inputs)
+            except LqtkError as err:
+                raise LqtkError(f"{prefix}{label}: {err}") from err
+            for i, weight in zip(members, results):
+                weights[i] = weight
         errors = {prefix + name: relative_output_error(linear.weight, weight, hessian)
                   for name, linear, weight in zip(names, linears, weights)}
         return weights, errors, [prefix + name for name in names] if fallback else []
@@ -373,12 +391,16 @@ class LayerwiseCalibration(BlockWalk):
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def identity(self) -> dict:
-        quantizer = {"class": type(self.quantizer).__qualname__, **dataclasses.asdict(self.quantizer)}
+        def described(quantizer):
+            return {"class": type(quantizer).__qualname__, **dataclasses.asdict(quantizer)}
+
+        quantizer = described(self.quantizer)
         tuning = None if self.block_tuning is None else dataclasses.asdict(self.block_tuning)
         return {"model": str(self.model_path), "quantizer": quantizer, "sequential": self.sequential,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
                 "skip": list(self.skip), "block_tuning": tuning, "fallback_below": self.fallback_below,
                 "save_hessians": self.save_hessians,
+                "layer_quantizers": {pattern: described(q) for pattern, q in self.layer_quantizers.items()},
                 "data": dict(self.trainer.datamodule.hparams)}
 
     def walk_state(self) -> dict:
