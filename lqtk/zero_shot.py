@@ -32,6 +32,7 @@ TASKS = ("next_line", "last_word")
 # the metric each task is reported by (lm-eval's convention): per byte where continuations differ in length
 PRIMARY_METRIC = {"next_line": "acc_norm", "last_word": "acc"}
 CHOICES = 4
+SEQUENCES_PER_PASS = 512  # a streamed model's blocks are loaded and decoded once per pass over this many sequences
 CONTEXT_LINES = 3
 TASK_YAML = """task: lqtk_{name}
 dataset_path: json
@@ -138,12 +139,13 @@ class LqtkLM:
     @torch.no_grad()
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(log P(continuation | context), whether greedy decoding gives it) per request, in order. Sequences of
-        similar length are batched (sorted), right-padded: causal attention keeps padding out of the scores."""
+        similar length are batched (sorted), right-padded: causal attention keeps padding out of the scores. The
+        model runs block by block over SEQUENCES_PER_PASS sequences at a time (`final_hidden_states`)."""
         encoded = [self.encode(*request.args) for request in requests]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
         results: list[tuple[float, bool] | None] = [None] * len(encoded)
-        for start in range(0, len(order), 4 * self.batch_size):
-            chunk = order[start:start + 4 * self.batch_size]
+        for start in range(0, len(order), SEQUENCES_PER_PASS):
+            chunk = order[start:start + SEQUENCES_PER_PASS]
             length = max(len(encoded[i][0]) for i in chunk)
             windows = torch.zeros(len(chunk), length, dtype=torch.long)
             for row, i in enumerate(chunk):
