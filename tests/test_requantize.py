@@ -118,3 +118,18 @@ def test_requantize_refuses_bad_input_with_one_clear_message(corpus, calibrated,
     fails_with(capsys, [*args, "--model.init_args.hessians", str(tmp_path)], "holds no cached Hessians")
     fails_with(capsys, [*args, "--model.init_args.layers", "[nothing]"], "matches layers")
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_mixed_calibration_quantizes_the_allocation_sequentially(corpus, calibrated, tmp_path, capsys):
+    requantize(corpus, calibrated, tmp_path / "mixed")
+    proc = run_lqtk(*recipe_args(corpus, tmp_path / "seq", "--model.init_args.model", str(tmp_path / "mixed" / "model"),
+                                 recipe=str(DEBUG / "mixed-tiny-seq.yaml")), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layers = [json.loads((tmp_path / run / "model" / "config.json").read_text())["quantization_config"]["layers"]
+              for run in ("mixed", "seq")]
+    assert layers[0] == layers[1]  # the same choice per layer, hence the same bits
+    metrics = json.loads((tmp_path / "seq" / "metrics.json").read_text())
+    assert metrics["phase"] == "MixedCalibration" and metrics["budget_bits"] == 3.5
+    bad = recipe_args(corpus, tmp_path / "bad", "--model.init_args.model", str(calibrated / "model"),
+                      recipe=str(DEBUG / "mixed-tiny-seq.yaml"))
+    fails_with(capsys, bad, "is not the export of a finished Requantize")

@@ -2,6 +2,6 @@ from lqtk.phases.block_tuning import BlockTuning
 from lqtk.phases.distill import KLDistillation
 from lqtk.phases.finetune import BlockFinetune
 from lqtk.phases.layerwise import LayerwiseCalibration
-from lqtk.phases.requantize import Requantize
+from lqtk.phases.requantize import MixedCalibration, Requantize
 
-__all__ = ["BlockFinetune", "BlockTuning", "KLDistillation", "LayerwiseCalibration", "Requantize"]
+__all__ = ["BlockFinetune", "BlockTuning", "KLDistillation", "LayerwiseCalibration", "MixedCalibration", "Requantize"]

@@ -16,11 +16,15 @@ before it *then*, not after their re-quantized versions. A checkpoint after each
 """
 
 import dataclasses
+import json
 import re
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
+import yaml
+from jsonargparse import ArgumentParser
 from lightning import LightningModule
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -30,6 +34,7 @@ from lqtk.models import decoder_blocks, load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers, set_submodule
 from lqtk.nn.quantized_linear import quantized_linear_from_config
 from lqtk.phases.hessian_cache import group_files, load_group
+from lqtk.phases.layerwise import LayerwiseCalibration
 from lqtk.phases.walk import BlockCheckpoint, BlockProgressBar, checked_state, report
 from lqtk.quant.allocation import allocate, output_error, output_fisher
 from lqtk.quant.base import WeightQuantizer, storage_bits
@@ -228,3 +233,41 @@ class Requantize(LightningModule):
         state = checked_state(checkpoint, type(self).__name__, self.identity())
         self.measurements, self.quantize_time_s = state["measurements"], state["quantize_time_s"]
         self.fisher = state["fisher"]
+
+
+class MixedCalibration(LayerwiseCalibration):
+    """A mixed-precision allocation quantized as a calibration quantizes: the fp model that a `Requantize` run with
+    `budget_bits` came from, block by block on the calibration windows, each Linear with the candidate that run
+    allocated to it, on the inputs of the Linears quantized before it. The allocation is found without running the
+    model; this pass makes the chosen quantizations compensate each other's errors (the Requantize run's layers were
+    each quantized on the inputs of the calibration's uniform ones).
+
+    Args:
+        model: The export of a finished Requantize run with `budget_bits` (chained after it).
+        sequential, replay, compute_dtype: As LayerwiseCalibration's.
+    """
+
+    def __init__(self, model: str, sequential: bool = True, replay: bool = True,
+                 compute_dtype: Literal["float32", "bfloat16"] = "float32"):
+        run = resolve_model(model).parent
+        try:
+            recipe = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
+            metrics = json.loads((run / "metrics.json").read_text())
+            budget_bits, allocation = metrics["budget_bits"], metrics["allocation"]
+            parser = ArgumentParser()
+            parser.add_argument("--candidates", type=list[WeightQuantizer])
+            candidates = parser.instantiate_classes(parser.parse_object({"candidates": recipe["candidates"]}))
+        except (OSError, KeyError, TypeError) as err:
+            raise LqtkError(f"{model} is not the export of a finished Requantize run (no {err} in its run folder): "
+                            "chain MixedCalibration after a Requantize recipe with budget_bits") from err
+        if budget_bits is None:
+            raise LqtkError(f"{model} comes from a Requantize run without budget_bits, which allocates nothing: chain "
+                            "MixedCalibration after a mixed-precision recipe")
+        candidates = candidates.candidates
+        super().__init__(recipe["fp_model"], candidates[0], sequential=sequential, replay=replay,
+                         compute_dtype=compute_dtype,
+                         layer_quantizers={f"^{re.escape(name)}$": candidates[c] for name, c in allocation.items()})
+        self.allocated_by, self.budget_bits = str(model), budget_bits
+
+    def phase_metrics(self) -> dict:
+        return {**super().phase_metrics(), "budget_bits": self.budget_bits, "allocated_by": self.allocated_by}
