@@ -214,9 +214,13 @@ class Requantize(LightningModule):
         counts = [0] * len(self.candidates)
         for c in (self.allocation or {}).values():
             counts[c] += 1
+        uniform = [{"bits": sum(m[c]["bits"] for m in self.measurements.values()),
+                    "proxy_loss": sum(m[c]["loss"] for m in self.measurements.values())}
+                   for c in range(len(self.candidates))]
         return {"budget_bits": self.budget_bits, "candidates": self.identity()["candidates"],
                 "layers_per_candidate": counts, "allocation": self.allocation,
-                "proxy_loss": sum(self.measurements[name][c]["loss"] for name, c in (self.allocation or {}).items())}
+                "proxy_loss": sum(self.measurements[name][c]["loss"] for name, c in (self.allocation or {}).items()),
+                "uniform": uniform}  # per candidate, the chosen layers' storage bits and proxy loss if all took it
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def identity(self) -> dict:
