@@ -95,8 +95,8 @@ class Requantize(LightningModule):
         if not self.group_files:
             raise LqtkError(f"{folder} holds no cached Hessians: calibrate with LayerwiseCalibration's save_hessians "
                             "true (or point `hessians` at the folder of such a run)")
-        patterns = [re.compile(pattern) for pattern in self.layers or [""]]
-        self.chosen = [name for name in quantized_layers(model) if any(p.search(name) for p in patterns)]
+        patterns, layers = [re.compile(pattern) for pattern in self.layers or [""]], quantized_layers(model)
+        self.chosen = [name for name in layers if any(p.search(name) for p in patterns)]
         if not self.chosen:
             raise LqtkError(f"no quantized Linear of {self.model_path} matches layers {self.layers}: check the names")
         missing = [name for name in self.chosen if name not in self.group_files]
@@ -104,10 +104,9 @@ class Requantize(LightningModule):
             raise LqtkError(f"{folder} has no Hessian for {missing[:3]} ({len(missing)} layers): re-quantize only "
                             "layers of the calibration run that cached them")
         for name in self.chosen:
-            layer = quantized_layers(model)[name]
             for quantizer in self.candidates:
                 try:
-                    quantizer.check_fits((layer.out_features, layer.in_features))
+                    quantizer.check_fits((layers[name].out_features, layers[name].in_features))
                 except LqtkError as err:
                     raise LqtkError(f"{name}: {err}") from err
         self.__dict__.update(model=model, fp_model=fp_model, blocks=decoder_blocks(model))
