@@ -35,9 +35,9 @@ lint: install
 R := configs/smollm2-135m
 MIXED := $(R)/gptq-w4g128.yaml+$(R)/mixed
 REPORT_ENTRIES := $(R)/gptq-w4g128.yaml $(MIXED)-3.0.yaml $(MIXED)-3.0.yaml+$(R)/mixed-3.0-seq.yaml \
-	$(MIXED)-2.5.yaml $(MIXED)-2.5.yaml+$(R)/mixed-2.5-seq.yaml $(R)/rtn-w4g128.yaml $(R)/rtn-w3g128.yaml $(R)/gptq-w3g128.yaml \
-	$(R)/gptq-w2g64.yaml $(R)/leanquant-nu-w3.yaml $(R)/quip-w2.yaml $(R)/quip-w3.yaml $(R)/gptq-w4a8.yaml \
-	$(R)/aqlm-2x8-g8.yaml
+	$(MIXED)-2.5.yaml $(MIXED)-2.5.yaml+$(R)/mixed-2.5-seq.yaml $(R)/rtn-w4g128.yaml $(R)/gptq-w3g128.yaml \
+	$(R)/leanquant-nu-w3.yaml $(R)/quip-w3.yaml $(R)/aqlm-2x8-g8.yaml $(R)/gptq-w4a8.yaml $(R)/rtn-w3g128.yaml \
+	$(R)/gptq-w2g64.yaml $(R)/quip-w2.yaml
 
 report: install
 	$(BIN)/lqtk prepare-model smollm2-135m
