@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO
 from lqtk.cli import LqtkCLI
 from lqtk.data import TextDataModule
-from lqtk.phases import BlockFinetune, KLDistillation, LayerwiseCalibration
+from lqtk.phases import BlockFinetune, KLDistillation, LayerwiseCalibration, MixedCalibration, Requantize
 from lqtk.quant import AgileQuant, WeightQuantizer
 
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
@@ -21,7 +21,8 @@ def test_there_are_recipes_for_every_method_and_width():
             "aqlm-tiny-distill", "quip-w2", "quip-w3", "quip-w4", "leanquant-nu-w2", "leanquant-nu-w3",
             "leanquant-nu-w4", "leanquant-aff-w3g128", "quip-leanquant-nu-w2", "quip-tiny", "gptq-w4a8",
             "gptq-w4a8-trip", "gptq-w4a4", "gptq-w4a4-trip", "gptq-w4a8-tiny", "gptq-w4a8-prune25",
-            "gptq-w4a8-prune50"} <= names
+            "gptq-w4a8-prune50", "mixed-2.5", "mixed-3.0", "mixed-2.5-seq", "mixed-3.0-seq", "mixed-tiny",
+            "mixed-tiny-seq"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "configs")))
@@ -37,6 +38,11 @@ def test_recipe_instantiates(recipe: Path, tmp_path):
         method = recipe.stem.removesuffix("-distill").removesuffix("-pv")
         assert cli.model.model_path.startswith(f"runs/{recipe.parent.name}/{method}")
         assert (cli.model.pv is not None) == recipe.stem.endswith("-pv")
+    elif isinstance(cli.model, Requantize):  # from the Hessians of the calibration recipe its chain starts with
+        assert cli.model.model_path.endswith("-tiny/model" if "debug" in str(recipe) else "gptq-w4g128/model")
+        assert all(isinstance(q, WeightQuantizer) for q in cli.model.candidates) and cli.model.budget_bits
+    elif isinstance(cli.model, MixedCalibration):  # the allocation of the recipe it is named after
+        assert cli.model.model_path == f"runs/{recipe.parent.name}/{recipe.stem.removesuffix('-seq')}/model"
     else:
         quantizer = cli.model.quantizer
         assert isinstance(cli.model, LayerwiseCalibration) and isinstance(quantizer, WeightQuantizer)

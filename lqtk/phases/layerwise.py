@@ -109,9 +109,6 @@ class LayerwiseCalibration(BlockWalk):
         self.compute_dtype = getattr(torch, compute_dtype)
         self.activations_on_disk, self.save_hessians = activations_on_disk, save_hessians
         self.layer_quantizers = dict(layer_quantizers or {})
-        quantizers = [quantizer, *self.layer_quantizers.values()]
-        self.needs_hessian = any(q.needs_hessian for q in quantizers)
-        self.input_sample_rows = max(q.input_sample_rows for q in quantizers)
         if save_hessians and not self.needs_hessian:
             raise LqtkError(f"save_hessians is set but {type(quantizer).__name__} takes no Hessian, so none is "
                             "collected: set save_hessians false, or calibrate with a method that takes one (GPTQ)")
@@ -145,6 +142,14 @@ class LayerwiseCalibration(BlockWalk):
         # per block, found when the walk reaches it (`_plan_block`)
         self.passes: list[list | None] = [None] * len(self.blocks)
         self.tails: list[dict | None] = [None] * len(self.blocks)
+
+    @property
+    def needs_hessian(self) -> bool:
+        return any(q.needs_hessian for q in [self.quantizer, *self.layer_quantizers.values()])
+
+    @property
+    def input_sample_rows(self) -> int:
+        return max(q.input_sample_rows for q in [self.quantizer, *self.layer_quantizers.values()])
 
     def quantizer_for(self, name: str) -> WeightQuantizer:
         """The quantizer of the Linear `name` (full name): the first `layer_quantizers` match, else `quantizer`."""

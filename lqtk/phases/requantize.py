@@ -252,25 +252,30 @@ class MixedCalibration(LayerwiseCalibration):
 
     def __init__(self, model: str, sequential: bool = True, replay: bool = True,
                  compute_dtype: Literal["float32", "bfloat16"] = "float32"):
-        run = resolve_model(model).parent
+        # the fp model and the quantizers come from the Requantize run in `setup`: a recipe is instantiated (checked,
+        # printed) before the run it names exists
+        super().__init__(model, quantizer=None, sequential=sequential, replay=replay, compute_dtype=compute_dtype)
+        self.allocated_by, self.budget_bits = model, None
+
+    def setup(self, stage: str) -> None:
+        run = resolve_model(self.allocated_by).parent
         try:
             recipe = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
             metrics = json.loads((run / "metrics.json").read_text())
-            budget_bits, allocation = metrics["budget_bits"], metrics["allocation"]
+            self.budget_bits, allocation = metrics["budget_bits"], metrics["allocation"]
             parser = ArgumentParser()
             parser.add_argument("--candidates", type=list[WeightQuantizer])
             candidates = parser.instantiate_classes(parser.parse_object({"candidates": recipe["candidates"]}))
         except (OSError, KeyError, TypeError) as err:
-            raise LqtkError(f"{model} is not the export of a finished Requantize run (no {err} in its run folder): "
-                            "chain MixedCalibration after a Requantize recipe with budget_bits") from err
-        if budget_bits is None:
-            raise LqtkError(f"{model} comes from a Requantize run without budget_bits, which allocates nothing: chain "
-                            "MixedCalibration after a mixed-precision recipe")
+            raise LqtkError(f"{self.allocated_by} is not the export of a finished Requantize run (no {err} in its run "
+                            "folder): chain MixedCalibration after a Requantize recipe with budget_bits") from err
+        if self.budget_bits is None:
+            raise LqtkError(f"{self.allocated_by} comes from a Requantize run without budget_bits, which allocates "
+                            "nothing: chain MixedCalibration after a mixed-precision recipe")
         candidates = candidates.candidates
-        super().__init__(recipe["fp_model"], candidates[0], sequential=sequential, replay=replay,
-                         compute_dtype=compute_dtype,
-                         layer_quantizers={f"^{re.escape(name)}$": candidates[c] for name, c in allocation.items()})
-        self.allocated_by, self.budget_bits = str(model), budget_bits
+        self.model_path, self.quantizer = recipe["fp_model"], candidates[0]
+        self.layer_quantizers = {f"^{re.escape(name)}$": candidates[c] for name, c in allocation.items()}
+        super().setup(stage)
 
     def phase_metrics(self) -> dict:
         return {**super().phase_metrics(), "budget_bits": self.budget_bits, "allocated_by": self.allocated_by}
