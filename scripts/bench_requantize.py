@@ -25,7 +25,7 @@ import yaml
 from readme_section import update_readme_section
 
 REPO = Path(__file__).resolve().parents[1]
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LINEARS = [f"self_attn.{name}_proj" for name in "qkvo"] + [f"mlp.{name}_proj" for name in ("gate", "up", "down")]
 BASE = REPO / "configs" / "smollm2-135m" / "mixed-3.0.yaml"  # a Requantize recipe: its candidates are replaced
 
 
@@ -55,7 +55,7 @@ def main() -> None:
             "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(dir=REPO / "runs") as tmp:
         for selection in [None, *opts.layers]:
-            skip = [] if selection is None else [name for name in LINEARS if not re.search(selection, f"x.{name}")]
+            skip = [] if selection is None else [name for name in LINEARS if not re.search(selection, name)]
             name = "all Linears" if selection is None else f"`{selection}`"
             calibrate, calibrate_wall = fit(["--config", str(opts.recipe), "--model.init_args.skip", json.dumps(skip)],
                                             Path(tmp) / f"calibrate-{len(rows)}")
