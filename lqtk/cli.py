@@ -104,9 +104,7 @@ def evaluate_command(args: list[str]) -> None:
     parser.add_argument("--max-windows", type=int, help="Only the first N windows (a quick check).")
     parser.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True,
                         help="Measure perplexity (--no-perplexity: zero-shot tasks only).")
-    parser.add_argument("--tasks", nargs="+", choices=ZERO_SHOT_TASKS, default=[],
-                        help="Zero-shot multiple-choice tasks (lm-eval scoring), made from the --text files.")
-    parser.add_argument("--task-items", type=int, default=200, help="Items per zero-shot task.")
+    add_zero_shot_arguments(parser, "Zero-shot multiple-choice tasks (lm-eval scoring), made from the --text files.")
     opts = parser.parse_args(args)
     text = opts.text or default_split()[1]
     data = TextDataModule(tokenizer=opts.model, evaluation_files=text, seq_len=opts.seq_len, bos=opts.bos,
@@ -126,6 +124,11 @@ def evaluate_command(args: list[str]) -> None:
     Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+
+
+def add_zero_shot_arguments(parser: argparse.ArgumentParser, tasks_help: str) -> None:
+    parser.add_argument("--tasks", nargs="+", choices=ZERO_SHOT_TASKS, default=[], help=tasks_help)
+    parser.add_argument("--task-items", type=int, default=200, help="Items per zero-shot task.")
 
 
 def chain_command(args: list[str]) -> None:
@@ -178,10 +181,8 @@ def sweep_command(args: list[str]) -> None:
     parser.add_argument("entries", nargs="+", help="Recipes, or chains of recipes joined by '+'.")
     parser.add_argument("--root", required=True, help="Folder of the sweep's runs.")
     parser.add_argument("--report-dir", help="Where report.md and pareto.png go (default: ROOT).")
-    parser.add_argument("--tasks", nargs="+", choices=ZERO_SHOT_TASKS, default=[],
-                        help="Also score every run's export and the fp model on these zero-shot tasks (kept in "
-                        "<run>/zero_shot.json and ROOT/fp/zero_shot.json).")
-    parser.add_argument("--task-items", type=int, default=200, help="Items per zero-shot task.")
+    add_zero_shot_arguments(parser, "Also score every run's export and the fp model on these zero-shot tasks (kept "
+                            "in <run>/zero_shot.json and ROOT/fp/zero_shot.json).")
     opts, shared = parser.parse_known_args(args)  # the rest goes to every phase, e.g. --data.calibration_files
     chains = [[Path(config) for config in entry.split("+")] for entry in opts.entries]
     missing = [str(config) for configs in chains for config in configs if not config.is_file()]

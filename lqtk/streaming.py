@@ -259,16 +259,21 @@ def block_on(model: nn.Module, index: int, device=None):
             return_freed_memory()
 
 
+def save_file_atomically(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """safetensors' `save_file` into a temporary name renamed to `file` once written: a run killed while writing
+    leaves no file that looks complete."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.rename(file)
+
+
 def save_block(model: nn.Module, index: int, file: Path) -> None:
     """Write block `index`'s tensors (full names) to `file` (atomically), add it to the model's files and release
     the block: a finished block then costs no memory until it runs again."""
     block = decoder_blocks(model)[index]
     prefix = block_prefix(model, index)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    save_file({prefix + name: t.contiguous() for name, t in block.state_dict().items()}, str(tmp),
-              metadata={"format": "pt"})
-    tmp.rename(file)
+    save_file_atomically({prefix + name: t for name, t in block.state_dict().items()}, file, {"format": "pt"})
     weight_files(model).add(file)
     release(block)
 

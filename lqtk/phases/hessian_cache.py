@@ -16,18 +16,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from lqtk.streaming import save_file_atomically
 
 
 def save_group(folder: Path, linears: list[str], hessian: torch.Tensor, inputs: torch.Tensor | None) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {"hessian": hessian.float().cpu().contiguous()}
+    tensors = {"hessian": hessian.float().cpu()}
     if inputs is not None:
-        tensors["inputs"] = inputs.float().cpu().contiguous()
-    file = folder / f"{linears[0]}.safetensors"
-    tmp = file.with_name(f".{file.name}.tmp")  # a run killed while writing leaves no file that looks complete
-    save_file(tensors, str(tmp), metadata={"linears": json.dumps(linears)})
-    tmp.rename(file)
+        tensors["inputs"] = inputs.float().cpu()
+    save_file_atomically(tensors, folder / f"{linears[0]}.safetensors", {"linears": json.dumps(linears)})
 
 
 def group_files(folder: Path) -> dict[str, Path]:

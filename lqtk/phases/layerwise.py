@@ -49,7 +49,7 @@ from lqtk.phases.calibration_passes import calibration_passes
 from lqtk.phases.hessian_cache import save_group
 from lqtk.phases.processes import BlockWalkStrategy, broadcast_from, gather_to, world
 from lqtk.phases.replay import SubmoduleReplay, record_tails
-from lqtk.phases.walk import BlockWalk, StopForward
+from lqtk.phases.walk import BlockWalk, StopForward, beside_checkpoints, block_file
 from lqtk.quant.allocation import output_error
 from lqtk.quant.base import HessianAccumulator, QuantizedWeight, WeightQuantizer
 from lqtk.streaming import (
@@ -191,13 +191,11 @@ class LayerwiseCalibration(BlockWalk):
     @property
     def hessians_dir(self) -> Path:
         """`hessians/` beside the checkpoints (lqtk.phases.hessian_cache)."""
-        return Path(self.trainer.checkpoint_callback.dirpath).parent / "hessians"
+        return beside_checkpoints(self, "hessians")
 
     def block_file(self, index: int) -> Path:
-        """Where finished block `index` is kept: `blocks/` beside the checkpoints, whose state it completes (a dry
-        run moves both to a temporary folder)."""
-        folder = Path(self.trainer.checkpoint_callback.dirpath).parent / "blocks"
-        return folder / f"{self.block_prefix(index)}safetensors"
+        """Where finished block `index` is kept: `blocks/` beside the checkpoints."""
+        return block_file(self, "blocks", index)
 
     # --- the walk -----------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

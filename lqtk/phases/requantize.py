@@ -27,7 +27,6 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning import LightningModule
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, load_causal_lm, resolve_model
@@ -35,10 +34,10 @@ from lqtk.nn import quantized_layers, set_submodule
 from lqtk.nn.quantized_linear import quantized_linear_from_config
 from lqtk.phases.hessian_cache import group_files, load_group
 from lqtk.phases.layerwise import LayerwiseCalibration
-from lqtk.phases.walk import BlockCheckpoint, BlockProgressBar, checked_state, report
+from lqtk.phases.walk import BlockCheckpoint, BlockProgressBar, block_file, checked_state, report
 from lqtk.quant.allocation import allocate, output_error, output_fisher
 from lqtk.quant.base import WeightQuantizer, storage_bits
-from lqtk.streaming import block_prefix, materialize, release, save_block
+from lqtk.streaming import block_prefix, materialize, release, save_block, save_file_atomically
 
 
 class Requantize(LightningModule):
@@ -115,9 +114,6 @@ class Requantize(LightningModule):
     def on_fit_start(self) -> None:
         self.trainer.fit_loop.max_epochs = len(self.blocks)
 
-    def candidates_file(self, index: int) -> Path:
-        return Path(self.trainer.checkpoint_callback.dirpath).parent / "candidates" / f"{self.prefix(index)}safetensors"
-
     def prefix(self, index: int) -> str:
         return block_prefix(self.model, index)
 
@@ -156,11 +152,8 @@ class Requantize(LightningModule):
                     self.measurements.setdefault(name, []).append(
                         {"bits": storage_bits(quantized.tensors), "loss": output_error(delta, hessian, sensitivity),
                          "config": {"method": quantized.method, "format": quantized.format, **quantized.spec}})
-                    tensors.update({f"{c}/{name}.{key}": t.cpu().contiguous() for key, t in quantized.tensors.items()})
-        file = self.candidates_file(index)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(file.with_name(f".{file.name}.tmp")))
-        file.with_name(f".{file.name}.tmp").rename(file)
+                    tensors.update({f"{c}/{name}.{key}": t.cpu() for key, t in quantized.tensors.items()})
+        save_file_atomically(tensors, block_file(self, "candidates", index), {"format": "pt"})
         release(decoder_blocks(self.fp_model)[index])
 
     # --- the choice and the model -------------------------------------------------------------------------
@@ -193,7 +186,7 @@ class Requantize(LightningModule):
             if not names:
                 continue
             materialize(self.model, index)
-            with safe_open(self.candidates_file(index), "pt") as f:
+            with safe_open(block_file(self, "candidates", index), "pt") as f:
                 for name in names:
                     c = self.allocation[name]
                     stored = f"{c}/{name}."
@@ -201,8 +194,7 @@ class Requantize(LightningModule):
                     layer = quantized_linear_from_config(self.measurements[name][c]["config"], tensors,
                                                          self.model.get_submodule(name).bias)
                     set_submodule(self.model, name, layer)
-            folder = Path(self.trainer.checkpoint_callback.dirpath).parent / "blocks"
-            save_block(self.model, index, folder / f"{self.prefix(index)}safetensors")
+            save_block(self.model, index, block_file(self, "blocks", index))
         self.quantize_time_s += time.perf_counter() - start
         return self.model
 

@@ -188,6 +188,17 @@ class BlockWalk(LightningModule):
         self.restore_walk_state(state)
 
 
+def beside_checkpoints(phase: LightningModule, name: str) -> Path:
+    """`name` in the folder of the phase's `checkpoints/`, whose state the files kept there complete (a dry run moves
+    both to a temporary folder)."""
+    return Path(phase.trainer.checkpoint_callback.dirpath).parent / name
+
+
+def block_file(phase: LightningModule, folder: str, index: int) -> Path:
+    """`<folder>/<block index's prefix>safetensors` beside the phase's checkpoints."""
+    return beside_checkpoints(phase, folder) / f"{block_prefix(phase.model, index)}safetensors"
+
+
 def report(phase: LightningModule, status: str) -> None:
     """Show `status` of a block-by-block phase (one epoch per block in `phase.blocks`) on its progress bar."""
     phase.status = f"block {phase.current_epoch + 1}/{len(phase.blocks)} {status}"
