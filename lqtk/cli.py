@@ -156,10 +156,20 @@ def run_chain(configs: list[Path], run_dirs: list, shared: list[str]) -> Path:
         phase = ["fit", "--config", str(config), "--trainer.default_root_dir", str(run_dir), *shared]
         if previous_export is not None:
             phase += ["--model.init_args.model", str(previous_export)]
+        # what the run is made from, kept beside it: a finished run is reused only for the same recipe and arguments
+        made_from = json.loads(json.dumps({"recipe": yaml.safe_load(config.read_text()), "arguments": shared,
+                                           "model": None if previous_export is None else str(previous_export)}))
         previous_export = run_dir / "model"
         if (run_dir / "metrics.json").exists():
+            kept = run_dir / "made_from.json"
+            if kept.exists() and json.loads(kept.read_text()) != made_from:
+                raise LqtkError(f"{run_dir} is finished but was made from another recipe or other arguments than "
+                                f"{config} and this command give: remove it (rm -r {run_dir}) to run it again, or "
+                                "restore the recipe it was made from")
             print(f"lqtk chain: {config.stem} is finished ({run_dir}); skipped", flush=True)
             continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "made_from.json").write_text(json.dumps(made_from, indent=2) + "\n")
         if (run_dir / "checkpoints" / "last.ckpt").exists():
             phase += ["--ckpt_path", "last"]
         if previous_export.exists():  # killed after the export was written but before its metrics

@@ -176,7 +176,8 @@ def test_plain_transformers_loads_the_export_after_import_lqtk(debug_run):
 
 
 def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
-    mixed = str(REPO / "configs" / "debug" / "mixed-tiny.yaml")
+    mixed = tmp_path / "mixed-tiny.yaml"  # a copy, changed at the end
+    mixed.write_text((REPO / "configs" / "debug" / "mixed-tiny.yaml").read_text())
     args = ["sweep", DEBUG_RECIPE, f"{DEBUG_RECIPE}+{mixed}", "--root", str(tmp_path), "--tasks", "last_word",
             "--task-items", "10", *corpus_args(corpus)]
     first = run_lqtk(*args, cwd=tmp_path)
@@ -196,6 +197,10 @@ def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
     assert (tmp_path / "pareto.png").is_file()
     again = run_lqtk(*args, cwd=tmp_path)  # finished runs and scores are not redone
     assert again.returncode == 0 and "→" not in again.stdout and "zero-shot" not in again.stdout, again.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep.json").read_text()) == sweep
+    mixed.write_text(mixed.read_text().replace("budget_bits: 3.5", "budget_bits: 3.0"))
+    changed = run_lqtk(*args, cwd=tmp_path)  # the finished run is not passed off as the changed recipe's
+    assert changed.returncode != 0 and "was made from another recipe" in changed.stderr, changed.stderr[-3000:]
     assert json.loads((tmp_path / "sweep.json").read_text()) == sweep
 
 
