@@ -31,7 +31,7 @@ lint: install
 
 # The comparison of the landed methods on the reference model (README "Comparison"): every entry's run in runs/report
 # (finished runs are kept: after a stop, `make report` continues), then the table and Pareto plot into docs/report/
-# and the README. `rm -r runs/report` first rebuilds it from scratch (about 2.5 h on 2 CPU cores).
+# and the README. `rm -r runs/report` first rebuilds it from scratch (about 3 h on 2 CPU cores).
 R := configs/smollm2-135m
 MIXED := $(R)/gptq-w4g128.yaml+$(R)/mixed
 # (the report sorts its rows by bits/weight; the slowest run, AQLM's, is last so that a stopped sweep has the most)
