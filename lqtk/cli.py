@@ -157,12 +157,12 @@ def run_chain(configs: list[Path], run_dirs: list, shared: list[str]) -> Path:
         if previous_export is not None:
             phase += ["--model.init_args.model", str(previous_export)]
         # what the run is made from, kept beside it: a finished run is reused only for the same recipe and arguments
-        made_from = json.loads(json.dumps({"recipe": yaml.safe_load(config.read_text()), "arguments": shared,
-                                           "model": None if previous_export is None else str(previous_export)}))
+        made_from = comparable({"recipe": yaml.safe_load(config.read_text()), "arguments": shared,
+                                "model": None if previous_export is None else str(previous_export)})
         previous_export = run_dir / "model"
         if (run_dir / "metrics.json").exists():
             kept = run_dir / "made_from.json"
-            if kept.exists() and json.loads(kept.read_text()) != made_from:
+            if kept.exists() and comparable(json.loads(kept.read_text())) != made_from:
                 raise LqtkError(f"{run_dir} is finished but was made from another recipe or other arguments than "
                                 f"{config} and this command give: remove it (rm -r {run_dir}) to run it again, or "
                                 "restore the recipe it was made from")
@@ -179,6 +179,15 @@ def run_chain(configs: list[Path], run_dirs: list, shared: list[str]) -> Path:
             raise LqtkError(f"phase {config.stem} failed (see above); fix it and run the same command again: finished "
                             "phases are skipped and this one resumes from its last checkpoint")
     return run_dirs[-1]
+
+
+def comparable(made_from: dict) -> dict:
+    """`made_from` as JSON would give it back, with its existing paths resolved: the same files spelled otherwise
+    (relative or absolute, from another folder) are the same run."""
+    def resolved(value):
+        return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
+    return json.loads(json.dumps({**made_from, "model": resolved(made_from["model"]),
+                                  "arguments": [resolved(argument) for argument in made_from["arguments"]]}))
 
 
 def sweep_command(args: list[str]) -> None:

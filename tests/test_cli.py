@@ -195,9 +195,11 @@ def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| fp | tiny-llama | 32 |" in report and "| gptq | gptq-tiny |" in report and "| mixed gptq |" in report
     assert (tmp_path / "pareto.png").is_file()
-    again = run_lqtk(*args, cwd=tmp_path)  # finished runs and scores are not redone
+    # finished runs and scores are not redone, also when the root and chain are spelled relative to the working folder
+    again = run_lqtk("sweep", DEBUG_RECIPE, f"{DEBUG_RECIPE}+{mixed.name}", "--root", ".", *args[5:], cwd=tmp_path)
     assert again.returncode == 0 and "→" not in again.stdout and "zero-shot" not in again.stdout, again.stderr[-3000:]
-    assert json.loads((tmp_path / "sweep.json").read_text()) == sweep
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["metrics"] for r in sweep["runs"]] == [r["metrics"] for r in results]
     mixed.write_text(mixed.read_text().replace("budget_bits: 3.5", "budget_bits: 3.0"))
     changed = run_lqtk(*args, cwd=tmp_path)  # the finished run is not passed off as the changed recipe's
     assert changed.returncode != 0 and "was made from another recipe" in changed.stderr, changed.stderr[-3000:]
