@@ -136,7 +136,8 @@ class Requantize(LightningModule):
         `measurements`, their tensors into the block's candidates file."""
         materialize(self.fp_model, index)
         groups: dict[Path, list[str]] = {}
-        for name in (name for name in self.chosen if name.startswith(self.prefix(index))):
+        prefix = self.prefix(index)  # once: it walks the model's modules
+        for name in (name for name in self.chosen if name.startswith(prefix)):
             groups.setdefault(self.group_files[name], []).append(name)
         tensors = {}
         for file, names in groups.items():
@@ -182,7 +183,8 @@ class Requantize(LightningModule):
         start = time.perf_counter()
         self.allocation = self.allocate()
         for index in range(len(self.blocks)):
-            names = [name for name in self.allocation if name.startswith(self.prefix(index))]
+            prefix = self.prefix(index)  # once: it walks the model's modules
+            names = [name for name in self.allocation if name.startswith(prefix)]
             if not names:
                 continue
             materialize(self.model, index)
