@@ -31,10 +31,10 @@ lint: install
 
 # The comparison of the landed methods on the reference model (README "Comparison"): every entry's run in runs/report
 # (finished runs are kept: after a stop, `make report` continues), then the table and Pareto plot into docs/report/
-# and the README. `rm -r runs/report` first rebuilds it from scratch (about 3 h on 2 CPU cores).
+# and the README. `rm -r runs/report` first rebuilds it from scratch (about 3.5 h on 2 CPU cores).
 R := configs/smollm2-135m
 MIXED := $(R)/gptq-w4g128.yaml+$(R)/mixed
-# (the report sorts its rows by bits/weight; the slowest run, AQLM's, is last so that a stopped sweep has the most)
+# (the report sorts its rows by bits/weight, whatever the order of the entries)
 REPORT_ENTRIES := $(R)/gptq-w4g128.yaml $(MIXED)-3.0.yaml $(MIXED)-3.0.yaml+$(R)/mixed-3.0-seq.yaml \
 	$(MIXED)-2.5.yaml $(MIXED)-2.5.yaml+$(R)/mixed-2.5-seq.yaml $(R)/rtn-w4g128.yaml $(R)/gptq-w3g128.yaml \
 	$(R)/quip-w3.yaml $(R)/leanquant-nu-w3.yaml $(R)/rtn-w3g128.yaml $(R)/gptq-w2g64.yaml $(R)/quip-w2.yaml \
