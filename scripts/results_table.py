@@ -45,6 +45,9 @@ def run_row(row: str, fresh: bool) -> dict:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     metrics = [json.loads((RUNS / phase / "metrics.json").read_text()) for phase in phases]
+    if "perplexity" not in metrics[-1]:  # a finished run reused, made without its evaluation
+        raise SystemExit(f"{RUNS / phases[-1]} was run without its evaluation (export.evaluate false): "
+                         f"run this row again with --fresh, or remove that folder")
     return metrics[-1] | {"quantize_time_s": sum(m["quantize_time_s"] for m in metrics)}
 
 
