@@ -182,8 +182,8 @@ def release_outside_blocks(model: nn.Module) -> None:
 
 
 def _blocks_prefix(model: nn.Module) -> str:
-    names = {id(m): name for name, m in model.named_modules()}
-    return names[id(decoder_blocks(model))] + "."
+    blocks = decoder_blocks(model)  # the walk stops there: it comes before the blocks' own modules
+    return next(name for name, module in model.named_modules() if module is blocks) + "."
 
 
 def block_prefix(model: nn.Module, index: int) -> str:

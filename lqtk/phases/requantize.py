@@ -136,7 +136,7 @@ class Requantize(LightningModule):
         `measurements`, their tensors into the block's candidates file."""
         materialize(self.fp_model, index)
         groups: dict[Path, list[str]] = {}
-        prefix = self.prefix(index)  # once: it walks the model's modules
+        prefix = self.prefix(index)
         for name in (name for name in self.chosen if name.startswith(prefix)):
             groups.setdefault(self.group_files[name], []).append(name)
         tensors = {}
@@ -183,7 +183,7 @@ class Requantize(LightningModule):
         start = time.perf_counter()
         self.allocation = self.allocate()
         for index in range(len(self.blocks)):
-            prefix = self.prefix(index)  # once: it walks the model's modules
+            prefix = self.prefix(index)
             names = [name for name in self.allocation if name.startswith(prefix)]
             if not names:
                 continue
