@@ -195,9 +195,13 @@ def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| fp | tiny-llama | 32 |" in report and "| gptq | gptq-tiny |" in report and "| mixed gptq |" in report
     assert (tmp_path / "pareto.png").is_file()
-    # finished runs and scores are not redone, also when the root and chain are spelled relative to the working folder
-    again = run_lqtk("sweep", DEBUG_RECIPE, f"{DEBUG_RECIPE}+{mixed.name}", "--root", ".", *args[5:], cwd=tmp_path)
+    again = run_lqtk(*args, cwd=tmp_path)  # finished runs and scores are not redone
     assert again.returncode == 0 and "→" not in again.stdout and "zero-shot" not in again.stdout, again.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep.json").read_text()) == sweep
+    # nor when the root and chain are spelled relative to the working folder
+    relative = run_lqtk("sweep", DEBUG_RECIPE, f"{DEBUG_RECIPE}+{mixed.name}", "--root", ".", *args[5:], cwd=tmp_path)
+    assert relative.returncode == 0 and "→" not in relative.stdout and "zero-shot" not in relative.stdout, \
+        relative.stderr[-3000:]
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["metrics"] for r in sweep["runs"]] == [r["metrics"] for r in results]
     mixed.write_text(mixed.read_text().replace("budget_bits: 3.5", "budget_bits: 3.0"))
