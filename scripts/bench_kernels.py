@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--hot", action="store_true", help="Time one copy of each weight (cache-resident if small).")
     parser.add_argument("--min-time", type=float, default=0.2, help="Seconds per blocked measurement.")
     parser.add_argument("--repeats", type=int, default=5, help="Blocked measurements of each (the median is kept).")
-    parser.add_argument("--update-readme", action="store_true", help="Write the table into README.md.")
+    parser.add_argument("--update-readme", action="store_true", help="Write the table into its docs page.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--layers", nargs="*", default=["mlp.down_proj"],
                         help="layer selections besides all Linears (a regex each)")
-    parser.add_argument("--update-readme", action="store_true", help="write the README section requantize-bench")
+    parser.add_argument("--update-readme", action="store_true", help="write the docs page section requantize-bench")
     opts = parser.parse_args()
     if not (opts.calibration_run / "hessians").is_dir():
         raise SystemExit(f"{opts.calibration_run} has no hessians/: pass a run calibrated with save_hessians true")

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("exports", nargs="+", type=Path, help="lqtk export folders (a run's model/)")
     parser.add_argument("--max-windows", type=int, default=8)
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative perplexity difference")
-    parser.add_argument("--update-readme", action="store_true", help="write the README section kernel-perplexity")
+    parser.add_argument("--update-readme", action="store_true", help="write the docs page section kernel-perplexity")
     opts = parser.parse_args()
     missing = [str(export) for export in opts.exports if not (export / "config.json").is_file()]
     if missing:

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--quantize", action="store_true", help=f"run {RECIPE.relative_to(REPO)} first if needed")
     parser.add_argument("--max-windows", type=int, help="only the first N evaluation windows (a quick check)")
     parser.add_argument("--tolerance", type=float, default=0.005, help="largest relative perplexity difference")
-    parser.add_argument("--update-readme", action="store_true", help="write the README section serving-exports")
+    parser.add_argument("--update-readme", action="store_true", help="write the docs page section serving-exports")
     opts = parser.parse_args()
     run, model_dir = opts.run, opts.run / "model"
     if not model_dir.exists():

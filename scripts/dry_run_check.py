@@ -6,7 +6,7 @@ For each recipe (default: configs/smollm2-135m/gptq-w4g128.yaml) it runs `lqtk f
 actual run into ROOT/<recipe> (default runs/dry-run-check), and prints estimate, actual and their ratio. A run folder
 that already has a metrics.json is reused (--fresh deletes it first); the dry run always runs, since it writes
 nothing there. Run it with nothing else on the machine: both sides are timed. With --update-readme the table
-replaces the one between the README's `dry-run` markers."""
+replaces the one between the `dry-run` markers of the docs page."""
 
 import argparse
 import json

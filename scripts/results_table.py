@@ -7,7 +7,7 @@ A row is a recipe, or a chain `calibration+finetune` run by `lqtk chain` into ru
 finished there is reused (so a re-run after a stop continues, and chains share their first phase); --fresh deletes a
 row's run folders first. Each row reports from the last phase's metrics.json: true bits/weight, perplexity on the
 default evaluation split, ratio to fp, and the phases' own time added up (calibration, fine-tuning; not loading or
-evaluation). With --update-readme the table replaces the one between the README's markers of the same name."""
+evaluation). With --update-readme the table replaces the one between the docs page's markers of the same name."""
 
 import argparse
 import json
