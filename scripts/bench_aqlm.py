@@ -8,7 +8,7 @@ and the relative proxy error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), beside the anchor 
 kind of machine (their README settings for 2x8 g8: Adam lr 1e-4, 100 steps per round, beam 1, relative tolerance
 0.01, 2 threads). With --reference-repo (a checkout of Vahe1994/AQLM) their AQEngine runs on the same H in the same
 run (scripts/aqlm_reference.py) and the ratios are taken against it instead. --json writes one record per layer:
-layer, seconds, proxy_error (and the reference's, when run); --update-readme puts the table in the README."""
+layer, seconds, proxy_error (and the reference's, when run); --update-readme puts the table in the docs page."""
 
 import argparse
 import json
