@@ -1,8 +1,9 @@
-"""`lqtk`: a thin command line over LightningCLI (phases) and three utilities.
+"""`lqtk`: a thin command line over LightningCLI (phases), the runs of several phases (lqtk.runs) and two utilities.
 
     lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml [--ckpt_path last] [--overwrite true]
     lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml --dry_run true [--dry_run_output FILE.json]
     lqtk chain configs/smollm2-135m/aqlm-2x8-g8.yaml configs/smollm2-135m/aqlm-2x8-g8-ft.yaml [--root DIR] [ARGS]
+    lqtk sweep configs/smollm2-135m/gptq-w4g128.yaml A.yaml+B.yaml --root DIR [--tasks next_line] [ARGS]
     lqtk prepare-model [smollm2-135m | tiny-llama | tiny-qwen2 | tiny-gemma3 | tiny-phi3 | tiny-qwen2-moe]
     lqtk evaluate --model DIR [--text FILE ...] [--tasks next_line last_word] --output FILE.json
 """
@@ -10,14 +11,11 @@
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
-import yaml
 from lightning.pytorch.cli import LightningCLI
 from transformers import AutoTokenizer
 
@@ -28,7 +26,7 @@ from lqtk.evaluate import EVAL_BATCH_SIZE, perplexity
 from lqtk.export import ExportQuantized, bits_per_weight
 from lqtk.models import REFERENCE_MODELS, load_causal_lm, prepare_model, resolve_model
 from lqtk.phases.processes import BlockWalkStrategy
-from lqtk.report import write_report
+from lqtk.runs import run_chain, run_sweep
 from lqtk.zero_shot import TASKS as ZERO_SHOT_TASKS
 from lqtk.zero_shot import zero_shot
 
@@ -141,53 +139,7 @@ def chain_command(args: list[str]) -> None:
                         "trainer.default_root_dir).")
     opts, shared = parser.parse_known_args(args)  # the rest goes to every phase, e.g. --data.calibration_files
     configs = [Path(config) for config in opts.configs]
-    for config in configs:  # all checked before the first phase starts
-        if not config.is_file():
-            raise LqtkError(f"recipe {config} does not exist: pass the YAML files of the chain's phases, in order")
     run_chain(configs, [Path(opts.root) / config.stem if opts.root else None for config in configs], shared)
-
-
-def run_chain(configs: list[Path], run_dirs: list, shared: list[str]) -> Path:
-    """Run the phases `configs` (existing files) in `run_dirs` (None: the recipe's trainer.default_root_dir),
-    skipping finished ones and resuming an interrupted one; returns the last phase's run folder."""
-    run_dirs = [Path(run_dir or recipe_root_dir(config)) for config, run_dir in zip(configs, run_dirs)]
-    previous_export = None
-    for config, run_dir in zip(configs, run_dirs):
-        phase = ["fit", "--config", str(config), "--trainer.default_root_dir", str(run_dir), *shared]
-        if previous_export is not None:
-            phase += ["--model.init_args.model", str(previous_export)]
-        # what the run is made from, kept beside it: a finished run is reused only for the same recipe and arguments
-        made_from = comparable({"recipe": yaml.safe_load(config.read_text()), "arguments": shared,
-                                "model": None if previous_export is None else str(previous_export)})
-        previous_export = run_dir / "model"
-        if (run_dir / "metrics.json").exists():
-            kept = run_dir / "made_from.json"
-            if kept.exists() and comparable(json.loads(kept.read_text())) != made_from:
-                raise LqtkError(f"{run_dir} is finished but was made from another recipe or other arguments than "
-                                f"{config} and this command give: remove it (rm -r {run_dir}) to run it again, or "
-                                "restore the recipe it was made from")
-            print(f"lqtk chain: {config.stem} is finished ({run_dir}); skipped", flush=True)
-            continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "made_from.json").write_text(json.dumps(made_from, indent=2) + "\n")
-        if (run_dir / "checkpoints" / "last.ckpt").exists():
-            phase += ["--ckpt_path", "last"]
-        if previous_export.exists():  # killed after the export was written but before its metrics
-            phase += ["--overwrite", "true"]
-        print(f"lqtk chain: {config.stem} → {run_dir}", flush=True)
-        if subprocess.run([sys.executable, "-m", "lqtk.cli", *phase]).returncode != 0:
-            raise LqtkError(f"phase {config.stem} failed (see above); fix it and run the same command again: finished "
-                            "phases are skipped and this one resumes from its last checkpoint")
-    return run_dirs[-1]
-
-
-def comparable(made_from: dict) -> dict:
-    """`made_from` as JSON would give it back, with its existing paths resolved: the same files spelled otherwise
-    (relative or absolute, from another folder) are the same run."""
-    def resolved(value):
-        return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
-    return json.loads(json.dumps({**made_from, "model": resolved(made_from["model"]),
-                                  "arguments": [resolved(argument) for argument in made_from["arguments"]]}))
 
 
 def sweep_command(args: list[str]) -> None:
@@ -204,60 +156,7 @@ def sweep_command(args: list[str]) -> None:
                             "in <run>/zero_shot.json and ROOT/fp/zero_shot.json).")
     opts, shared = parser.parse_known_args(args)  # the rest goes to every phase, e.g. --data.calibration_files
     chains = [[Path(config) for config in entry.split("+")] for entry in opts.entries]
-    missing = [str(config) for configs in chains for config in configs if not config.is_file()]
-    if missing:  # all checked before the first run starts
-        raise LqtkError(f"recipes not found: {', '.join(missing)}; pass YAML files (A.yaml+B.yaml for a chain)")
-    root, results = Path(opts.root), []
-    for configs in chains:
-        stems = [config.stem for config in configs]
-        name = "+".join(stems)  # phase k runs in ROOT/<stems up to k>: entries with a common start share its runs
-        last = run_chain(configs, [root / "+".join(stems[: k + 1]) for k in range(len(stems))], shared)
-        results.append({"name": name, "recipes": [str(config) for config in configs], "run_dir": str(last),
-                        "metrics": json.loads((last / "metrics.json").read_text()),
-                        "size_mb": folder_mb(last / "model"),
-                        **({"zero_shot": scored(last / "model", last / "zero_shot.json", opts)} if opts.tasks else {})})
-    first = json.loads((root / chains[0][0].stem / "metrics.json").read_text())  # calibrated from the fp model
-    fp_dir = resolve_model(first["model"])
-    fp = {"model": str(fp_dir), "bits_per_weight": fp_bits(fp_dir), "size_mb": folder_mb(fp_dir),
-          "perplexity": first["fp_perplexity"],
-          **({"zero_shot": scored(fp_dir, root / "fp" / "zero_shot.json", opts)} if opts.tasks else {})}
-    (root / "sweep.json").write_text(json.dumps({"fp": fp, "runs": results}, indent=2) + "\n")
-    report, plot = write_report(results, Path(opts.report_dir or root), fp)
-    print(f"lqtk sweep: {len(results)} runs in {root / 'sweep.json'}; report {report}, plot {plot}", flush=True)
-
-
-def scored(model: Path, output: Path, opts) -> dict:
-    """The zero-shot scores of `model` kept in `output`, measured by `lqtk evaluate` if not there yet (or for
-    other tasks or items)."""
-    if output.exists():
-        kept = json.loads(output.read_text())
-        if set(kept["zero_shot"]) == set(opts.tasks) and kept["task_items"] == opts.task_items:
-            return kept["zero_shot"]
-    print(f"lqtk sweep: zero-shot tasks of {model}", flush=True)
-    command = [sys.executable, "-m", "lqtk.cli", "evaluate", "--model", str(model), "--no-perplexity", "--tasks",
-               *opts.tasks, "--task-items", str(opts.task_items), "--output", str(output)]
-    if subprocess.run(command).returncode != 0:
-        raise LqtkError(f"the zero-shot evaluation of {model} failed (see above); run the same command again")
-    return json.loads(output.read_text())["zero_shot"]
-
-
-def folder_mb(folder: Path) -> float:
-    """Size of a model folder's weights (its safetensors files) in MB."""
-    return sum(file.stat().st_size for file in Path(folder).glob("*.safetensors")) / 1e6
-
-
-def fp_bits(folder: Path) -> int:
-    """Bits per weight of an fp model folder, from the dtype its config records."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, dtype).itemsize * 8
-
-
-def recipe_root_dir(config: Path) -> str:
-    root = (yaml.safe_load(config.read_text()) or {}).get("trainer", {}).get("default_root_dir")
-    if root is None:
-        raise LqtkError(f"{config} sets no trainer.default_root_dir: set one, or give the chain --root DIR")
-    return root
+    run_sweep(chains, Path(opts.root), opts.report_dir and Path(opts.report_dir), shared, opts.tasks, opts.task_items)
 
 
 COMMANDS = {"prepare-model": prepare_model_command, "evaluate": evaluate_command, "chain": chain_command,
