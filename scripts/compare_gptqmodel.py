@@ -89,9 +89,9 @@ def main() -> None:
         for name, r in rows:
             if name.startswith(f"lqtk gptq-w{bits}"):
                 lines.append(f"\n{name}: quantize time × {r['quantize_time_s'] / fastest['quantize_time_s']:.2f} of "
-                             f"GPTQModel's fastest asymmetric w{bits}g128 ({fastest_name.split('act-order ')[1]}; "
-                             f"target ≤ 0.5), perplexity × {r['perplexity'] / best['perplexity']:.3f} of its best "
-                             f"({best_name.split('act-order ')[1]}; target ≤ 1)")
+                             f"GPTQModel's fastest asymmetric w{bits}g128 ({fastest_name.split('act-order ')[1]}), "
+                             f"perplexity × {r['perplexity'] / best['perplexity']:.3f} of its best "
+                             f"({best_name.split('act-order ')[1]})")
     text = "\n".join(lines)
     print(text)
     if args.update_readme:
