@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import REPO
+from helpers import REPO, outlier_inputs, recipe_args, run_lqtk
 from lqtk.errors import LqtkError
 from lqtk.quant import FORMATS, GPTQ, AgileQuant, QuIP
 from lqtk.quant.activations import (
@@ -20,17 +20,8 @@ from lqtk.quant.activations import (
     trip_exponents,
 )
 from lqtk.quant.incoherence import layer_seeds, rotate
-from test_cli import recipe_args, run_lqtk
 
 RECIPE = str(REPO / "configs" / "debug" / "gptq-w4a8-tiny.yaml")
-
-
-def outlier_inputs(tokens=512, channels=96, outliers=(3, 40), size=60.0, seed=0):
-    """LLM-like inputs: most channels of unit size, a few channels tens of times larger in every token."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, channels, generator=gen)
-    x[:, list(outliers)] *= size
-    return x
 
 
 @pytest.mark.parametrize("bits", [8, 4])

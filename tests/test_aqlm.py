@@ -6,14 +6,12 @@ import itertools
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO, correlated_problem, fails_with, recipe_args
 from lqtk.errors import LqtkError
 from lqtk.quant import AQLM
 from lqtk.quant.aqlm import decode, init_residual_kmeans, propose, proxy_loss, update_codes
 from lqtk.quant.base import QuantizedWeight
 from lqtk.quant.primitives import pack_bits
-from test_cli import fails_with, recipe_args
-from test_quant import correlated_problem
 
 SMALL = dict(num_codebooks=2, nbits_per_codebook=4, in_group_size=4, max_rounds=4, relative_tolerance=0.0)
 

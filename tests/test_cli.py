@@ -2,40 +2,13 @@
 and every kind of bad input (one clear message, non-zero exit, nothing overwritten)."""
 
 import json
-import subprocess
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import LQTK, REPO
+from helpers import DEBUG_RECIPE, REPO, corpus_args, fails_with, recipe_args, run_lqtk
 from lqtk.cli import main
 from lqtk.models import build_tiny_llama
-
-DEBUG_RECIPE = str(REPO / "configs" / "debug" / "gptq-tiny.yaml")
-
-
-def recipe_args(corpus, run_dir, *extra, recipe=DEBUG_RECIPE, command=("fit", "--config")):
-    """A phase (or, with command=("chain",), a chain of them) on the test corpus."""
-    return [*command, *([recipe] if isinstance(recipe, str) else recipe), "--trainer.default_root_dir",
-            str(run_dir), *corpus_args(corpus), *extra]
-
-
-def corpus_args(corpus):
-    return ["--data.calibration_files", f"[{corpus['calibration']}]",
-            "--data.evaluation_files", f"[{corpus['evaluation']}]"]
-
-
-def run_lqtk(*args, cwd):
-    return subprocess.run([*LQTK, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def fails_with(capsys, argv, message):
-    """Run the CLI in-process: it must exit non-zero with `message` in its one error line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code != 0
-    err = capsys.readouterr().err
-    assert message in err, err[-2000:]
 
 
 @pytest.fixture(scope="module")

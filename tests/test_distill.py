@@ -12,13 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import LQTK, REPO
+from helpers import LQTK, QUICK, REPO, fails_with, kill_at_random_moment, recipe_args, run_lqtk
 from lqtk.nn import QuantizedLinear
 from lqtk.quant import AQLM, GPTQ, LeanQuant
 from lqtk.quant.base import FORMATS
 from lqtk.quant.pv import PVTuning, StraightThroughCodes
-from test_cli import fails_with, recipe_args, run_lqtk
-from test_resume import QUICK, kill_at_random_moment
 
 DEBUG = REPO / "configs" / "debug"
 PV = ["--model.init_args.pv", '{"lr": 0.001, "max_code_change": 0.05}']

@@ -6,9 +6,8 @@ import shutil
 
 import pytest
 
-from conftest import write_text
+from helpers import fails_with, recipe_args, write_text
 from lqtk.cli import main
-from test_cli import fails_with, recipe_args
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ per-token codes as quantize_tokens, and the same output as the fake-quantized fl
 import pytest
 import torch
 import torch.nn.functional as F
-from test_activations import outlier_inputs
 
+from helpers import outlier_inputs
 from lqtk.errors import LqtkError
 from lqtk.kernels import int_gemm
 from lqtk.kernels.int_gemm import integer_weight

@@ -3,29 +3,12 @@ result, a non-sequential walk gives every group of Linears its own Hessian, and 
 
 import pytest
 import torch
-from lightning import Trainer
 
-from lqtk.data import TextDataModule
+from helpers import calibrate, quantized_tensors
 from lqtk.models import load_causal_lm
 from lqtk.nn import quantized_layers
-from lqtk.phases import LayerwiseCalibration
 from lqtk.quant import GPTQ, RTN
 from lqtk.streaming import materialize_all
-
-
-def calibrate(corpus, tmp_path, model="tiny-llama", **phase_args) -> LayerwiseCalibration:
-    data = TextDataModule(tokenizer=model, calibration_files=[str(corpus["calibration"])],
-                          evaluation_files=[str(corpus["evaluation"])], seq_len=64, num_calibration_windows=8,
-                          batch_size=4)
-    phase = LayerwiseCalibration(model=model, quantizer=GPTQ(bits=3, group_size=48), **phase_args)
-    Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_progress_bar=False,
-            default_root_dir=tmp_path).fit(phase, datamodule=data)
-    return phase
-
-
-def quantized_tensors(phase) -> dict[str, torch.Tensor]:
-    materialize_all(phase.model)  # finished blocks live in their block files
-    return {f"{name}.{key}": t for name, m in quantized_layers(phase.model).items() for key, t in m.tensors().items()}
 
 
 @pytest.mark.parametrize("model, sequential, tails", [

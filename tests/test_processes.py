@@ -16,8 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import LQTK, REPO
-from test_cli import recipe_args, run_lqtk
+from helpers import LQTK, REPO, recipe_args, run_lqtk
 
 RECIPE = str(REPO / "configs" / "debug" / "gptq-tiny.yaml")
 

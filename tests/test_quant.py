@@ -4,20 +4,10 @@ equals a naive column-by-column GPTQ, error ordering, exactness at high bits, da
 import pytest
 import torch
 
+from helpers import correlated_problem
 from lqtk.errors import LqtkError
 from lqtk.quant import GPTQ, RTN, HessianAccumulator, LeanQuant
 from lqtk.quant.primitives import fake_quantize, minmax_qparams, mse_qparams, pack_bits, unpack_bits
-
-
-def correlated_problem(out_features=48, in_features=80, tokens=2048, seed=0):
-    """A weight and the Hessian of correlated inputs with uneven scales (like an LLM's activations)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, in_features, generator=g) @ torch.randn(in_features, in_features, generator=g) * 0.3
-    x = x * torch.rand(in_features, generator=g) * 3
-    w = torch.randn(out_features, in_features, generator=g)
-    accumulator = HessianAccumulator(in_features)
-    accumulator.add(x)
-    return w, accumulator.hessian(), x
 
 
 def output_error(w, q, x):

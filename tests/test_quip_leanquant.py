@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import correlated_problem
 from lqtk.errors import LqtkError
 from lqtk.models import build_tiny_llama
 from lqtk.nn import QuantizedLinear
@@ -18,7 +19,6 @@ from lqtk.quant.base import register_format
 from lqtk.quant.incoherence import rotate, walsh_hadamard
 from lqtk.quant.leanquant import nearest_level, weighted_kmeans
 from lqtk.quant.primitives import minmax_qparams, quantize_affine, unpack_bits
-from test_quant import correlated_problem
 
 
 @pytest.mark.parametrize("n", [1, 2, 64, 12, 160, 576, 1536])

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from lqtk.cli import LqtkCLI
 from lqtk.data import TextDataModule
 from lqtk.phases import BlockFinetune, KLDistillation, LayerwiseCalibration, MixedCalibration, Requantize

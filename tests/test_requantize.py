@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from helpers import REPO, fails_with, recipe_args, run_lqtk
 from lqtk.models import load_causal_lm, prepare_model
 from lqtk.phases.hessian_cache import group_files, load_group
 from lqtk.quant.allocation import allocate, output_error, output_fisher
-from test_cli import fails_with, recipe_args, run_lqtk
 
 DEBUG = REPO / "configs" / "debug"
 MIXED = str(DEBUG / "mixed-tiny.yaml")

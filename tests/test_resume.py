@@ -2,17 +2,11 @@
 an uninterrupted run: GPTQ and AQLM calibration, block fine-tuning, and re-quantization from cached Hessians."""
 
 import json
-import os
-import random
-import signal
-import subprocess
-import time
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import LQTK, REPO
-from test_cli import recipe_args, run_lqtk
+from helpers import QUICK, REPO, kill_at_random_moment, recipe_args, run_lqtk
 
 DEBUG = REPO / "configs" / "debug"
 
@@ -38,30 +32,6 @@ def kill_then_resume_matches(args, tmp_path):
     resumed = load_file(killed / "model" / "model.safetensors")
     assert expected.keys() == resumed.keys()
     assert all((expected[k] == resumed[k]).all() for k in expected)
-
-
-def kill_at_random_moment(args, run_dir, run_time, cwd) -> None:
-    """Start `lqtk *args` and SIGKILL its process group at a seeded random moment between its first checkpoint and
-    0.8 x `run_time` later (mostly mid-run, sometimes during the export)."""
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    seed = int(os.environ.get("LQTK_KILL_SEED", time.time_ns() % 10_000))
-    delay = random.Random(seed).uniform(0, 0.8 * run_time)
-    print(f"kill seed {seed}: SIGKILL {delay:.2f} s after the first checkpoint (the run takes {run_time:.2f} s)")
-    child = subprocess.Popen([*LQTK, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(delay)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
-    print("killed before the export was complete" if not (run_dir / "model").exists() else "killed after the end")
-
-
-# Fewer rounds and iterations than the debug recipes: resuming is what is tested, and 4 runs must stay quick.
-QUICK = {"gptq-tiny": [], "quip-tiny": [], "gptq-w4a8-tiny": [],
-         "aqlm-tiny": ["--model.init_args.quantizer.init_args.max_rounds", "2",
-                       "--model.init_args.quantizer.init_args.kmeans_iters", "4"]}
 
 
 @pytest.mark.slow

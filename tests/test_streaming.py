@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning import Trainer
 
-from conftest import write_text
+from helpers import REPO, calibrate, quantized_tensors, recipe_args, run_lqtk, write_text
 from lqtk.data import TextDataModule
 from lqtk.errors import LqtkError
 from lqtk.models import decoder_blocks, linear_layers, load_causal_lm, write_random_llama
@@ -15,8 +15,6 @@ from lqtk.nn import quantized_layers
 from lqtk.phases import LayerwiseCalibration
 from lqtk.quant import RTN
 from lqtk.streaming import INDEX_NAME, final_hidden_states
-from test_cli import REPO, recipe_args, run_lqtk
-from test_layerwise import calibrate, quantized_tensors
 
 RTN_RECIPE = str(REPO / "configs" / "smollm2-135m" / "rtn-w4g128.yaml")
 WIDE = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=8, vocab_size=512)
