@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from helpers import DEBUG_RECIPE, REPO, corpus_args, fails_with, recipe_args, run_lqtk
-from lqtk.cli import main
+from lqtk.cli import COMMANDS, main
 from lqtk.models import build_tiny_llama
 
 
@@ -124,7 +124,12 @@ def test_help_lists_every_command_and_only_those(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(f"\n  {command} " in out for command in ("fit", "chain", "prepare-model", "evaluate"))
+    assert "\ncommands:\n" in out, out
+    section = out.split("\ncommands:\n", 1)[1].split("\n\n", 1)[0]  # up to the first blank line
+    # one line per command, its name indented by two spaces (a description going on would be indented deeper)
+    assert all(line.startswith("  ") for line in section.splitlines()), section
+    listed = [line.split()[0] for line in section.splitlines() if not line.startswith("   ")]
+    assert sorted(listed) == sorted(["fit", *COMMANDS]), section  # what main() dispatches: fit, then COMMANDS
     assert not any(word in out for word in ("validate", "predict"))
 
 

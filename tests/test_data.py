@@ -1,8 +1,10 @@
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from lqtk.data import TextDataModule, calibration_windows, evaluation_windows
 from lqtk.errors import LqtkError
+from lqtk.models import resolve_model
 
 
 def test_evaluation_windows_are_non_overlapping_and_drop_the_remainder():
@@ -36,10 +38,17 @@ def test_datamodule_tokenizes_files(corpus):
 
 
 def test_bos_starts_every_window(corpus):
-    data = TextDataModule(tokenizer="tiny-llama", calibration_files=[str(corpus["calibration"])],
-                          evaluation_files=[str(corpus["evaluation"])], seq_len=32, bos=True)
-    windows = data.evaluation_windows()
-    assert windows.shape[1] == 32 and (windows[:, 0] == windows[0, 0]).all()
+    files = dict(calibration_files=[str(corpus["calibration"])], evaluation_files=[str(corpus["evaluation"])])
+    data = TextDataModule(tokenizer="tiny-llama", **files, seq_len=32, num_calibration_windows=5, bos=True)
+    text = TextDataModule(tokenizer="tiny-llama", **files, seq_len=31, num_calibration_windows=5)  # same seed
+    bos = AutoTokenizer.from_pretrained(resolve_model("tiny-llama")).bos_token_id
+    assert bos is not None
+    for windows, text_windows in ((data.evaluation_windows(), text.evaluation_windows()),
+                                  (data.calibration_windows(), text.calibration_windows())):
+        assert windows.shape == (len(text_windows), 32)
+        assert (windows[:, 0] == bos).all()
+        # then seq_len - 1 tokens of text: the windows of the text alone, none of them BOS
+        assert torch.equal(windows[:, 1:], text_windows) and not (windows[:, 1:] == bos).any()
 
 
 def test_empty_or_missing_files_are_refused(tmp_path, corpus):

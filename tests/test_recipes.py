@@ -1,9 +1,15 @@
-"""Every recipe parses against the CLI's signatures and instantiates its phase, quantizer and data module."""
+"""Every recipe parses against the CLI's signatures and instantiates its phase, quantizer and data module; the
+reference model has recipes for every method, width and phase."""
 
+import importlib
 from pathlib import Path
 
 import pytest
+import yaml
+from lightning import LightningModule
 
+import lqtk.phases
+import lqtk.quant
 from helpers import REPO
 from lqtk.cli import LqtkCLI
 from lqtk.data import TextDataModule
@@ -11,18 +17,59 @@ from lqtk.phases import BlockFinetune, KLDistillation, LayerwiseCalibration, Mix
 from lqtk.quant import AgileQuant, WeightQuantizer
 
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
+REFERENCE = REPO / "configs" / "smollm2-135m"  # the reference model: a recipe per method and width
+WEIGHT_WIDTHS = (2, 3, 4)  # bits per weight code
+ACTIVATION_WIDTHS = {AgileQuant: (8, 4)}  # methods that quantize the inputs: bits per activation code
+NO_RECIPE = {("AQLM", 4)}  # 4 codebooks x 8 bits per group of 8: not landed (AQLM is the 2- and 3-bit method)
+
+
+def build(node):
+    """A recipe's `class_path`/`init_args` node as the object it names (other values as they are)."""
+    if isinstance(node, dict) and "class_path" in node:
+        module, _, name = node["class_path"].rpartition(".")
+        return getattr(importlib.import_module(module), name)(**{k: build(v) for k, v in
+                                                                 node.get("init_args", {}).items()})
+    return node
+
+
+def nested(quantizer):
+    """The quantizer and the ones it wraps (`inner`), outermost first."""
+    while isinstance(quantizer, WeightQuantizer):
+        yield quantizer
+        quantizer = getattr(quantizer, "inner", None)
+
+
+def width(quantizer) -> int:
+    """Bits per weight code of the innermost weight method (AQLM: its codes' bits per weight)."""
+    *_, weights = nested(quantizer)
+    if isinstance(weights, lqtk.quant.AQLM):
+        return weights.num_codebooks * weights.nbits_per_codebook // weights.in_group_size
+    return weights.bits
 
 
 def test_there_are_recipes_for_every_method_and_width():
-    names = {p.stem for p in RECIPES}
-    assert {"rtn-w4g128", "rtn-w3g128", "rtn-w2g64", "gptq-w4g128", "gptq-w3g128", "gptq-w2g64",
-            "gptq-tiny", "aqlm-2x8-g8", "aqlm-2x8-g8-ft", "aqlm-3x8-g8-ft", "aqlm-tiny",
-            "aqlm-tiny-ft", "aqlm-2x8-g8-distill", "aqlm-2x8-g8-pv", "gptq-w2g64-distill", "gptq-w2g64-pv",
-            "aqlm-tiny-distill", "quip-w2", "quip-w3", "quip-w4", "leanquant-nu-w2", "leanquant-nu-w3",
-            "leanquant-nu-w4", "leanquant-aff-w3g128", "quip-leanquant-nu-w2", "quip-tiny", "gptq-w4a8",
-            "gptq-w4a8-trip", "gptq-w4a4", "gptq-w4a4-trip", "gptq-w4a8-tiny", "gptq-w4a8-prune25",
-            "gptq-w4a8-prune50", "mixed-2.5", "mixed-3.0", "mixed-2.5-seq", "mixed-3.0-seq", "mixed-tiny",
-            "mixed-tiny-seq"} <= names
+    """Every method lqtk.quant exports (a WeightQuantizer that quantizes) has a calibration recipe of its own for the
+    reference model at every width, and every phase a recipe that runs it: a new method or phase without recipes
+    fails here."""
+    methods = {cls for cls in (getattr(lqtk.quant, name) for name in lqtk.quant.__all__)
+               if isinstance(cls, type) and issubclass(cls, WeightQuantizer)
+               and cls.quantize is not WeightQuantizer.quantize}  # not the bases of the methods
+    assert {"GPTQ", "RTN", "AQLM", "QuIP", "LeanQuant", "AgileQuant"} <= {cls.__name__ for cls in methods}  # (sanity)
+    expected = {(cls.__name__, bits) for cls in methods for bits in ACTIVATION_WIDTHS.get(cls, WEIGHT_WIDTHS)}
+    found, phases = set(), set()
+    for recipe in sorted(REFERENCE.glob("*.yaml")):
+        model = yaml.safe_load(recipe.read_text())["model"]
+        phases.add(model["class_path"].rpartition(".")[2])
+        if "quantizer" not in model.get("init_args", {}):
+            continue
+        quantizers = list(nested(build(model["init_args"]["quantizer"])))
+        for activations in (q for q in quantizers if type(q) in ACTIVATION_WIDTHS):
+            found.add((type(activations).__name__, activations.bits))
+        if not any(type(q) in ACTIVATION_WIDTHS for q in quantizers):  # weight-only: named by its outer method
+            found.add((type(quantizers[0]).__name__, width(quantizers[0])))
+    assert sorted(expected - NO_RECIPE - found) == [], "methods and widths without a recipe"
+    assert not NO_RECIPE & found, "a recipe landed: take it out of NO_RECIPE"
+    assert {name for name in lqtk.phases.__all__ if issubclass(getattr(lqtk.phases, name), LightningModule)} <= phases
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "configs")))
