@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A constraint, not a requirement: it stops pip from ever pulling a CUDA build of torch.
 CONSTRAINT := .ci/constraints.txt
 
-.PHONY: install quickstart test lint report
+.PHONY: install quickstart test test-unit lint report
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q --durations=15
+
+# The fast lane: every test but those marked `slow` (end-to-end runs of several seconds each); `make test` runs all.
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 lint: install
 	$(BIN)/ruff check lqtk tests scripts

@@ -92,6 +92,7 @@ def test_agile_quant_wraps_the_weight_method_and_quantizes_the_inputs_at_run_tim
         AgileQuant(clip_ratios=[1.5])
 
 
+@pytest.mark.slow
 def test_w4a8_walk_with_token_pruning_exports_reloads_and_evaluates(corpus, tmp_path):
     """calibrate → export (reload-and-compare check) → evaluate, with the inputs quantized in every forward; the
     export records its token pruning, so `lqtk evaluate` scores the same positions as the phase's evaluation."""

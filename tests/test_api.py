@@ -39,6 +39,7 @@ def exports(corpus, tmp_path_factory):
     return ours, root / "cli" / "model"
 
 
+@pytest.mark.slow
 def test_quantize_exports_what_the_cli_exports_bit_for_bit(exports):
     ours, theirs = exports
     files = sorted(file.name for file in ours.glob("*.safetensors"))
@@ -53,6 +54,7 @@ def test_quantize_exports_what_the_cli_exports_bit_for_bit(exports):
     assert metrics[0]["quantizer"] == metrics[1]["quantizer"] and "perplexity" not in metrics[0]
 
 
+@pytest.mark.slow
 def test_load_runs_the_export(exports):
     model = lqtk.load(exports[0])
     assert not model.training
@@ -63,6 +65,7 @@ def test_load_runs_the_export(exports):
     assert logits.shape == (2, 24, model.config.vocab_size) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_quantize_refuses_a_loaded_model_and_a_finished_export(exports, tmp_path):
     with pytest.raises(LqtkError, match="save_pretrained"):
         lqtk.quantize(torch.nn.Linear(4, 4), GPTQ(), output_dir=tmp_path)
@@ -71,6 +74,7 @@ def test_quantize_refuses_a_loaded_model_and_a_finished_export(exports, tmp_path
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_import_lqtk_loads_the_api_only_when_used():
     heavy = "[m for m in sys.modules if m.split('.')[0] in ('lightning', 'lightning_fabric', 'pytorch_lightning') " \
             "or m.startswith('lqtk.phases')]"
@@ -83,6 +87,7 @@ def test_import_lqtk_loads_the_api_only_when_used():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
 def test_example_runs(example, exports, corpus, tmp_path):
     text = ["--calibration", str(corpus["calibration"]), "--evaluation", str(corpus["evaluation"]), "--windows", "8",

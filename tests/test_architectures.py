@@ -62,6 +62,7 @@ def calibrate(model, texts, run_dir, *extra):
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_calibrate_export_reload_evaluate(architecture, tiny, texts, tmp_path):
     bos = ["--data.bos", "true"] if architecture in BOS else []
@@ -78,6 +79,7 @@ def test_calibrate_export_reload_evaluate(architecture, tiny, texts, tmp_path):
     assert json.loads(out.read_text())["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_qwen2_biases_survive_the_export(tiny, texts, tmp_path):
     calibrate(tiny("qwen2"), texts, tmp_path / "run", "--export.evaluate", "false")
     fp, exported = load_file(tiny("qwen2") / "model.safetensors"), load_file(tmp_path / "run/model/model.safetensors")
@@ -132,6 +134,7 @@ def test_unfused_experts_compute_the_fused_logits(config, tiny):
         assert torch.equal(fused(tokens).logits, unfused(tokens).logits)
 
 
+@pytest.mark.slow
 def test_experts_share_passes_and_routers_stay_out(tiny):
     model = load_causal_lm(tiny("qwen2_moe"))
     tokens = torch.randint(0, model.config.vocab_size, (1, 8))  # few tokens: some experts are not reached
@@ -147,6 +150,7 @@ def test_experts_share_passes_and_routers_stay_out(tiny):
         assert experts_passes == [gate_up, down]
 
 
+@pytest.mark.slow
 def test_merged_expert_passes_give_what_one_pass_per_expert_gives(tiny, texts, tmp_path, monkeypatch):
     """Experts do not feed each other: calibrating all of them in one pass changes nothing but the time."""
     args = ("--export.evaluate", "false")
@@ -159,6 +163,7 @@ def test_merged_expert_passes_give_what_one_pass_per_expert_gives(tiny, texts, t
     assert expected.keys() == result.keys() and all(torch.equal(expected[k], result[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_expert_without_tokens_is_rounded_to_nearest(tiny, texts, tmp_path):
     """Top-1 routing where expert 1's router row is minus expert 0's, so one of them always scores >= 0 while
     expert 3's row is zero: expert 3 never gets a token. It is quantized with the identity Hessian, which makes

@@ -19,6 +19,7 @@ def debug_run(corpus, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_debug_recipe_exports_a_verified_model_with_metrics(debug_run):
     metrics = json.loads((debug_run / "metrics.json").read_text())
     for key in ("method", "bits_per_weight", "perplexity", "fp_perplexity", "quantize_time_s", "wall_time_s",
@@ -36,6 +37,7 @@ def test_debug_recipe_exports_a_verified_model_with_metrics(debug_run):
                             if k.startswith("model.layers.0.self_attn.q_proj.")}
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_phase_perplexity(debug_run, corpus, tmp_path):
     out = tmp_path / "eval.json"
     proc = run_lqtk("evaluate", "--model", str(debug_run / "model"), "--text", str(corpus["evaluation"]),
@@ -47,6 +49,7 @@ def test_evaluate_reproduces_the_phase_perplexity(debug_run, corpus, tmp_path):
     assert result["bits_per_weight"] == metrics["bits_per_weight"] and result["tokens"] == metrics["tokens"]
 
 
+@pytest.mark.slow
 def test_finished_export_is_not_overwritten(debug_run, corpus, capsys):
     weights = debug_run / "model" / "model.safetensors"
     before = weights.stat().st_mtime_ns
@@ -54,6 +57,7 @@ def test_finished_export_is_not_overwritten(debug_run, corpus, capsys):
     assert weights.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_recipe_is_refused(debug_run, corpus, tmp_path, capsys):
     argv = recipe_args(corpus, tmp_path / "other", "--model.init_args.quantizer.init_args.bits", "3",
                        "--ckpt_path", str(debug_run / "checkpoints" / "last.ckpt"))
@@ -113,6 +117,7 @@ def test_empty_corpus_is_refused(corpus, tmp_path, capsys):
                "corpus is empty")
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_missing_model(tmp_path):
     proc = run_lqtk("evaluate", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "x.json"),
                     cwd=tmp_path)
@@ -137,6 +142,7 @@ def test_lightning_commands_a_phase_does_not_support_are_refused(capsys):
     fails_with(capsys, ["validate", "--config", "configs/debug/gptq-tiny.yaml"], "unknown command 'validate'")
 
 
+@pytest.mark.slow
 def test_plain_transformers_loads_the_export_after_import_lqtk(debug_run):
     import torch
     from transformers import AutoModelForCausalLM
@@ -153,6 +159,7 @@ def test_plain_transformers_loads_the_export_after_import_lqtk(debug_run):
         assert torch.equal(loaded(ids).logits, ours(ids).logits)
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
     mixed = tmp_path / "mixed-tiny.yaml"  # a copy, changed at the end
     mixed.write_text((REPO / "configs" / "debug" / "mixed-tiny.yaml").read_text())

@@ -188,6 +188,7 @@ def test_v_step_keeps_the_weight_change_within_the_trust_ratio(trust_ratio):
     assert change["weight_change"] > 0.05 if trust_ratio is None else 0 < change["weight_change"] <= trust_ratio
 
 
+@pytest.mark.slow  # its `students` fixture calibrates two exports
 def test_unknown_trainable_group_is_refused(capsys, corpus, students, tmp_path):
     fails_with(capsys, distill_args(corpus, students, tmp_path / "run", "--model.init_args.trainable", "[codes]"),
                "trainable=['codes']: choose a non-empty subset")

@@ -21,6 +21,7 @@ def folder_bytes(folder) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+@pytest.mark.slow
 def test_dry_run_estimates_the_run_and_writes_nothing(short_corpus, tmp_path, capsys):
     run_dir, estimate_file = tmp_path / "run", tmp_path / "dry-run.json"
     main(recipe_args(short_corpus, run_dir, "--dry_run", "true", "--dry_run_output", str(estimate_file)))

@@ -40,6 +40,7 @@ def quantize_block(block) -> None:
         set_submodule(block, name, QuantizedLinear(RTN(bits=2, group_size=16).quantize(linear.weight.detach())))
 
 
+@pytest.mark.slow
 def test_tuning_lowers_the_held_out_error_and_stores_fp16(tiny):
     model = load_causal_lm(tiny).requires_grad_(False)
     block = decoder_blocks(model)[0]
@@ -77,6 +78,7 @@ def chain_run(corpus, tmp_path_factory):
     return root, args
 
 
+@pytest.mark.slow
 def test_chain_calibrates_then_fine_tunes(chain_run):
     root, _ = chain_run
     calibrated = json.loads((root / "aqlm-tiny" / "metrics.json").read_text())
@@ -91,6 +93,7 @@ def test_chain_calibrates_then_fine_tunes(chain_run):
         assert quant["quant_method"] == "aqlm" and quant["nbits_per_codebook"] == 6
 
 
+@pytest.mark.slow
 def test_calibration_tunes_each_block_in_the_loop(corpus, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_lqtk(*recipe_args(corpus, run_dir, "--model.init_args.block_tuning.max_steps", "6",
@@ -102,6 +105,7 @@ def test_calibration_tunes_each_block_in_the_loop(corpus, tmp_path):
     assert all(0 < b["steps"] <= 6 and b["error_after"] <= b["error_before"] for b in tuned.values())
 
 
+@pytest.mark.slow
 def test_chain_rerun_skips_finished_phases(chain_run, tmp_path):
     root, args = chain_run
     weights = root / "aqlm-tiny-ft" / "model" / "model.safetensors"
@@ -118,6 +122,7 @@ def test_finetune_of_an_fp_model_is_refused(corpus, tiny, tmp_path, capsys):
     assert not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.slow
 def test_finetune_against_a_quantized_fp_model_is_refused(chain_run, corpus, tmp_path, capsys):
     root, _ = chain_run
     argv = recipe_args(corpus, tmp_path / "run", "--model.init_args.model", str(root / "aqlm-tiny" / "model"),

@@ -49,7 +49,7 @@ def quantize_blocks(model, make_weight) -> None:
             set_submodule(block, name, QuantizedLinear(make_weight(name, linear.weight.detach()), linear.bias))
 
 
-@pytest.mark.parametrize("num_codebooks, nbits", [(2, 8), (1, 16)])  # numba kernel, pure torch
+@pytest.mark.parametrize("num_codebooks, nbits", [pytest.param(2, 8, marks=pytest.mark.slow), (1, 16)])  # numba, torch
 def test_transformers_loads_the_export_and_computes_the_same_logits(tiny, tmp_path, num_codebooks, nbits):
     model = load_causal_lm(tiny)
     gen = torch.Generator().manual_seed(0)

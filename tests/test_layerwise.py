@@ -11,11 +11,14 @@ from lqtk.quant import GPTQ, RTN
 from lqtk.streaming import materialize_all
 
 
-@pytest.mark.parametrize("model, sequential, tails", [
-    ("tiny-llama", True, {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)}),
+@pytest.mark.parametrize("model, sequential, tails", [  # the fast lane keeps one: Llama, not sequential
+    pytest.param("tiny-llama", True, {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)},
+                 marks=pytest.mark.slow),
     ("tiny-llama", False, {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)}),
-    ("tiny-qwen2-moe", True, {"self_attn": ("self_attn.o_proj", 2), "mlp": None}),  # the mlp sums its experts
-    ("tiny-gemma3", True, {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)}),
+    pytest.param("tiny-qwen2-moe", True, {"self_attn": ("self_attn.o_proj", 2), "mlp": None},  # its mlp sums experts
+                 marks=pytest.mark.slow),
+    pytest.param("tiny-gemma3", True, {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)},
+                 marks=pytest.mark.slow),
 ])
 def test_replay_changes_no_bit_of_the_result(corpus, tmp_path, model, sequential, tails):
     replayed = calibrate(corpus, tmp_path / "replay", model, sequential=sequential)
@@ -27,6 +30,7 @@ def test_replay_changes_no_bit_of_the_result(corpus, tmp_path, model, sequential
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
+@pytest.mark.slow
 def test_non_sequential_walk_calibrates_every_group_on_its_own_inputs(corpus, tmp_path):
     sequential = calibrate(corpus, tmp_path / "sequential")
     one_stage = calibrate(corpus, tmp_path / "one-stage", sequential=False)
@@ -40,6 +44,7 @@ def test_non_sequential_walk_calibrates_every_group_on_its_own_inputs(corpus, tm
     assert max(one_stage.layer_errors.values()) < 0.2
 
 
+@pytest.mark.slow
 def test_bf16_forwards_quantize_about_as_well_as_fp32(corpus, tmp_path):
     fp32 = calibrate(corpus, tmp_path / "fp32")
     bf16 = calibrate(corpus, tmp_path / "bf16", compute_dtype="bfloat16")

@@ -108,6 +108,7 @@ def test_walk_on_two_processes_killed_resumes_on_one(corpus, deep_model, one_pro
     assert_same_export(run_dir, one_process)
 
 
+@pytest.mark.slow
 def test_more_processes_than_calibration_batches_is_refused(corpus, deep_model, tmp_path):
     proc = run_lqtk(*walk_args(corpus, deep_model, tmp_path / "run", "--data.num_calibration_windows", "4",
                                "--trainer.devices", "2"), cwd=tmp_path)

@@ -72,6 +72,7 @@ def requantize(corpus, calibrated, run_dir, *extra):
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_hessians_are_cached_per_group(calibrated):
     files = group_files(calibrated / "hessians")
     assert len(files) == 14 and len(set(files.values())) == 8  # 2 blocks: q/k/v, o, gate/up, down
@@ -84,6 +85,7 @@ def gptq(**settings) -> str:
     return json.dumps([{"class_path": "lqtk.quant.GPTQ", "init_args": settings}])
 
 
+@pytest.mark.slow
 def test_requantizing_with_the_calibrations_method_reproduces_its_export(corpus, calibrated, tmp_path):
     """GPTQ is deterministic given W and H: the cached H must be the very one the calibration used."""
     requantize(corpus, calibrated, tmp_path / "same", "--model.init_args.budget_bits", "null",  # gptq-tiny's:
@@ -100,6 +102,7 @@ def mixed(corpus, calibrated, tmp_path_factory):
     return run_dir, requantize(corpus, calibrated, run_dir)
 
 
+@pytest.mark.slow
 def test_mixed_precision_keeps_the_budget_and_beats_the_uniform_candidates_it_affords(mixed):
     run_dir, metrics = mixed
     assert metrics["phase"] == "Requantize" and metrics["bits_per_weight"] <= metrics["budget_bits"]
@@ -113,6 +116,7 @@ def test_mixed_precision_keeps_the_budget_and_beats_the_uniform_candidates_it_af
     assert metrics["proxy_loss"] > min(u["proxy_loss"] for u in metrics["uniform"])  # the budget binds
 
 
+@pytest.mark.slow
 def test_requantize_refuses_bad_input_with_one_clear_message(corpus, calibrated, tmp_path, capsys):
     args = recipe_args(corpus, tmp_path / "run", "--model.init_args.model", str(calibrated / "model"), recipe=MIXED)
     fails_with(capsys, [*args, "--model.init_args.budget_bits", "1.0"], "budget_bits 1.0 is out of reach")
@@ -122,6 +126,7 @@ def test_requantize_refuses_bad_input_with_one_clear_message(corpus, calibrated,
     assert not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.slow
 def test_mixed_calibration_quantizes_the_allocation_sequentially(corpus, calibrated, mixed, tmp_path, capsys):
     proc = run_lqtk(*recipe_args(corpus, tmp_path / "seq", "--model.init_args.model", str(mixed[0] / "model"),
                                  recipe=str(DEBUG / "mixed-tiny-seq.yaml")), cwd=tmp_path)

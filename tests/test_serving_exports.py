@@ -211,6 +211,7 @@ def test_settings_gptq_cannot_store_are_refused(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]
 
 
+@pytest.mark.slow
 def test_the_export_callback_writes_and_verifies_serving_exports(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     main(recipe_args(corpus, run, "--export.serving_formats", "[compressed-tensors, gptq]"))

@@ -39,6 +39,7 @@ def streamed_runs(corpus, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_calibration_peak_memory_grows_with_one_block_not_the_model(streamed_runs):
     peak = {blocks: json.loads((run_dir / "metrics.json").read_text())["peak_rss_bytes"]
             for blocks, (_, run_dir) in streamed_runs.items()}
@@ -48,6 +49,7 @@ def test_calibration_peak_memory_grows_with_one_block_not_the_model(streamed_run
     assert peak[DEEP] < peak[1] + 0.75 * model_bytes, (peak, model_bytes)
 
 
+@pytest.mark.slow
 def test_sharded_export_reloads_with_the_quantized_weights_of_each_layer(streamed_runs):
     fp_folder, run_dir = streamed_runs[DEEP]
     export = run_dir / "model"
@@ -80,6 +82,7 @@ def test_a_block_that_does_not_fit_is_refused_before_any_work(corpus, tmp_path, 
     assert not (tmp_path / "blocks").exists() and not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_activations_on_disk_change_no_bit_of_the_result(corpus, tmp_path):
     on_disk = calibrate(corpus, tmp_path / "disk", activations_on_disk=True)
     in_memory = calibrate(corpus, tmp_path / "memory")

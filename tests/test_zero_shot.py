@@ -57,6 +57,7 @@ def test_batched_loglikelihoods_equal_one_forward_per_request():
         assert greedy == bool((logits.argmax(-1) == target).all())
 
 
+@pytest.mark.slow
 def test_evaluate_scores_tasks_through_lm_eval_offline(corpus, tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("zero-shot scoring tried to reach the network")
