@@ -23,9 +23,11 @@ from lqtk.data import TextDataModule, default_split
 from lqtk.dry_run import DryRun
 from lqtk.errors import LqtkError
 from lqtk.evaluate import EVAL_BATCH_SIZE, perplexity
-from lqtk.export import ExportQuantized, bits_per_weight
-from lqtk.models import REFERENCE_MODELS, load_causal_lm, prepare_model, resolve_model
+from lqtk.export import ExportQuantized
+from lqtk.model_format import bits_per_weight
+from lqtk.models import load_causal_lm, prepare_model, resolve_model
 from lqtk.phases.processes import BlockWalkStrategy
+from lqtk.reference_models import REFERENCE_MODELS
 from lqtk.runs import run_chain, run_sweep
 from lqtk.zero_shot import TASKS as ZERO_SHOT_TASKS
 from lqtk.zero_shot import zero_shot

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from lqtk.anatomy import tied_names
 from lqtk.errors import LqtkError
-from lqtk.streaming import tied_names
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:

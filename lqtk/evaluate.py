@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torchmetrics.text import Perplexity
 
+from lqtk.forward import final_hidden_states
 from lqtk.models import cache_dir
-from lqtk.streaming import final_hidden_states
 from lqtk.token_pruning import PruningRun
 
 EVAL_BATCH_SIZE = 2  # windows per forward

@@ -4,40 +4,33 @@ A streamed model is the model's skeleton built on the meta device (buffers such 
 with its tensors outside the decoder blocks (embeddings, final norm, head) loaded, and a `WeightFiles` attached
 that says where every tensor lives. A block is materialized from those files only while it is worked on or run,
 then released back to the meta device. A forward over many windows (evaluation, the export check) runs every
-window through block k before block k+1 is loaded (`final_hidden_states`), and the export is written block by
-block into shards (`save_sharded`), so peak memory grows with one block and the activations, not with the model.
+window through block k before block k+1 is loaded (`lqtk.forward.final_hidden_states`), and the export is written
+block by block into shards (`save_sharded`), so peak memory grows with one block and the activations, not with the
+model.
 Fully loaded models go through the same functions: their blocks are only moved to the device and back.
 """
 
 import ctypes
 import ctypes.util
-import json
 import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import psutil
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from lqtk.anatomy import block_prefix, blocks_prefix, decoder_blocks, tied_names
 from lqtk.errors import LqtkError
-from lqtk.models import block_output, decoder_blocks
 from lqtk.nn import QuantizedLinear, quantized_linear_from_config
-from lqtk.quant.base import check_finite
-from lqtk.token_pruning import PruningRun
+from lqtk.weights import SHARD_BYTES, WeightFiles, save_file_atomically, save_tensor_groups
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-SHARD_BYTES = 128 * 2**20  # shard size limit of the export: at most this much of the export is held for writing
 # glibc serves allocations below its mmap threshold from the heap and keeps freed heap memory for reuse; it raises
 # that threshold up to 32 MiB as large tensors are freed, so a block's weights and activations end up in a heap that
 # only grows. A fixed threshold gives larger tensors their own mappings, unmapped when freed; malloc_trim hands back
@@ -48,76 +41,6 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
 _MALLOC_TRIM_AVAILABLE = hasattr(_LIBC, "malloc_trim")
 _MALLOPT_AVAILABLE = hasattr(_LIBC, "mallopt")
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-class WeightFiles:
-    """Where each tensor of a model lives: the folder's `model.safetensors`, or the shards its
-    `model.safetensors.index.json` lists, then files added later (a finished block's) in their place. Every read
-    opens the files it needs and closes them, so no mapped page of the weights stays in the process."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.files: dict[str, Path] = {}
-        self.views: dict[str, list[tuple[str, int | None]]] = {}  # name -> the stored tensors (or rows) it joins
-        index = self.folder / INDEX_NAME
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.folder / file for name, file in weight_map.items()}
-            missing = sorted({str(file) for file in self.files.values() if not file.is_file()})
-            if missing:
-                raise LqtkError(f"{index} lists shards that do not exist ({missing[:3]}): the folder is "
-                                "incomplete; re-create it")
-        elif (self.folder / WEIGHTS_NAME).is_file():
-            self.add(self.folder / WEIGHTS_NAME)
-        else:
-            raise LqtkError(f"{self.folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}: the model folder is "
-                            "incomplete; re-create it or point to another one")
-
-    def add(self, file: Path) -> None:
-        with safe_open(file, "pt") as f:
-            self.files.update(dict.fromkeys(f.keys(), Path(file)))
-
-    def add_views(self, views: dict[str, list[tuple[str, int | None]]]) -> None:
-        """Tensors stored otherwise: {name: [(stored name, row or None), ...]}, the parts joined along dim 0 (MoE
-        experts read as one Linear each from fused 3D weights, or from separate gate and up projections)."""
-        missing = sorted({stored for parts in views.values() for stored, _ in parts} - self.files.keys())
-        if missing:
-            raise LqtkError(f"{self.folder} stores its MoE experts in a layout lqtk cannot read block by block (no "
-                            f"{missing[0]}): convert the checkpoint to transformers' fused or gate/up/down layout")
-        self.views.update(views)
-        self.files.update({name: self.files[parts[0][0]] for name, parts in views.items()})
-
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors, copied out of the file mapping one at a time: a tensor that views the mapping keeps the
-        whole file's touched pages resident for as long as any of its tensors lives (a block's norms would keep
-        its quantized Linears' fp weights in memory)."""
-        tensors = {}
-        for name in names:
-            parts = []
-            for stored, row in self.views.get(name, [(name, None)]):
-                with safe_open(self.files[stored], "pt") as f:
-                    parts.append(f.get_tensor(stored) if row is None else f.get_slice(stored)[row:row + 1][0])
-            tensors[name] = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-        return tensors
-
-    def meta(self, name: str) -> torch.Tensor:
-        """An empty tensor of `name`'s shape and dtype, from the file header."""
-        with safe_open(self.files[name], "pt") as f:
-            info = f.get_slice(name)
-            return torch.empty(info.get_shape(), dtype=_DTYPES[info.get_dtype()], device="meta")
-
-    def check_finite(self) -> None:
-        """Refuse NaN/Inf weights before any work, reading one tensor at a time."""
-        for name, file in self.files.items():
-            if name in self.views:  # made of stored tensors, which are checked themselves
-                continue
-            with safe_open(file, "pt") as f:  # checked in the mapping: no copy
-                tensor = f.get_tensor(name)
-                if tensor.is_floating_point():
-                    check_finite(tensor, f"{self.folder}: tensor {name}")
 
 
 def meta_quantized_linear(files: WeightFiles, name: str, config: dict, source: Path | None = None) -> QuantizedLinear:
@@ -158,16 +81,11 @@ def open_streamed(model: PreTrainedModel, files: WeightFiles, lazy: bool, strict
     return model.eval() if lazy else materialize_all(model).eval()
 
 
-def tied_names(model: nn.Module) -> dict[str, str]:
-    """{tied name: the name it is tied to} (lm_head.weight: model.embed_tokens.weight)."""
-    return getattr(model, "all_tied_weights_keys", None) or {}
-
-
 def load_outside_blocks(model: nn.Module) -> None:
     """Load what is on the meta device outside the blocks (embeddings, final norm, head), tied tensors tied."""
-    blocks_prefix, tied = _blocks_prefix(model), tied_names(model)
+    blocks, tied = blocks_prefix(model), tied_names(model)
     names = [name for name, t in model.state_dict(keep_vars=True).items()
-             if t.is_meta and name not in tied and not name.startswith(blocks_prefix)]
+             if t.is_meta and name not in tied and not name.startswith(blocks)]
     if names:
         _load(model, weight_files(model), names, "")
         model.tie_weights()
@@ -175,20 +93,10 @@ def load_outside_blocks(model: nn.Module) -> None:
 
 def release_outside_blocks(model: nn.Module) -> None:
     """Put the tensors outside the blocks back on the meta device, while only blocks run (the walk)."""
-    blocks_prefix = _blocks_prefix(model)
+    blocks = blocks_prefix(model)
     model.load_state_dict({name: t.to("meta") for name, t in model.state_dict().items()
-                           if not name.startswith(blocks_prefix)}, assign=True, strict=False)
+                           if not name.startswith(blocks)}, assign=True, strict=False)
     return_freed_memory()
-
-
-def _blocks_prefix(model: nn.Module) -> str:
-    blocks = decoder_blocks(model)  # the walk stops there: it comes before the blocks' own modules
-    return next(name for name, module in model.named_modules() if module is blocks) + "."
-
-
-def block_prefix(model: nn.Module, index: int) -> str:
-    """Module path of block `index` with a trailing dot (`model.layers.3.`)."""
-    return f"{_blocks_prefix(model)}{index}."
 
 
 def _load(module: nn.Module, files: WeightFiles, names: list[str], prefix: str) -> None:
@@ -259,15 +167,6 @@ def block_on(model: nn.Module, index: int, device=None):
             return_freed_memory()
 
 
-def save_file_atomically(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
-    """safetensors' `save_file` into a temporary name renamed to `file` once written: a run killed while writing
-    leaves no file that looks complete."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.rename(file)
-
-
 def save_block(model: nn.Module, index: int, file: Path) -> None:
     """Write block `index`'s tensors (full names) to `file` (atomically), add it to the model's files and release
     the block: a finished block then costs no memory until it runs again."""
@@ -281,10 +180,10 @@ def save_block(model: nn.Module, index: int, file: Path) -> None:
 def tensor_groups(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """The model's tensors by full name: first those outside the blocks (one name per tied tensor: the first, as
     save_pretrained keeps it), then one block at a time, materialized only while its group is being consumed."""
-    blocks_prefix, seen = _blocks_prefix(model), set()
+    blocks, seen = blocks_prefix(model), set()
     outside = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if not name.startswith(blocks_prefix) and id(tensor) not in seen:
+        if not name.startswith(blocks) and id(tensor) not in seen:
             seen.add(id(tensor))
             outside[name] = tensor.detach()
     yield outside
@@ -298,98 +197,6 @@ def save_sharded(model: nn.Module, out: Path, max_shard_bytes: int = SHARD_BYTES
     """Write the model's tensors as transformers does (`save_tensor_groups`). At most one shard and one block exist
     at once beyond what the model already holds."""
     save_tensor_groups(tensor_groups(model), out, max_shard_bytes)
-
-
-def save_tensor_groups(groups, out: Path, max_shard_bytes: int = SHARD_BYTES) -> None:
-    """Write the tensors of `groups` (an iterable of {name: tensor}, consumed one at a time) as transformers does:
-    one `model.safetensors` if they fit in one shard, else `model-0000k-of-0000n.safetensors` and
-    `model.safetensors.index.json`."""
-    shards: list[list[str]] = []
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = total_bytes = 0
-
-    def flush():
-        save_file({name: t.detach().cpu().contiguous() for name, t in shard.items()},
-                  str(out / f".shard-{len(shards)}"), metadata={"format": "pt"})
-        shards.append(list(shard))
-        shard.clear()
-
-    for group in groups:
-        for name, tensor in group.items():
-            size = tensor.numel() * tensor.element_size()
-            if shard and shard_bytes + size > max_shard_bytes:
-                flush()
-                shard_bytes = 0
-            shard[name] = tensor
-            shard_bytes += size
-            total_bytes += size
-    flush()
-    if len(shards) == 1:
-        (out / ".shard-0").rename(out / WEIGHTS_NAME)
-        return
-    weight_map = {}
-    for number, names in enumerate(shards):
-        file = f"model-{number + 1:05d}-of-{len(shards):05d}.safetensors"
-        (out / f".shard-{number}").rename(out / file)
-        weight_map.update(dict.fromkeys(names, file))
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-# --- forward passes, block by block -----------------------------------------------------------------------------
-@contextmanager
-def _stand_ins(blocks: nn.ModuleList, forward):
-    """Every block's forward replaced by `forward(index, hidden_states, kwargs)`: the decoder's own code then
-    computes what the blocks receive (embeddings, position embeddings, masks, per block) and what follows them (the
-    final norm) without running a block. The instance attribute shadows the class's forward."""
-    def stand_in(index, *args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        return forward(index, hidden, kwargs)
-
-    for index, block in enumerate(blocks):
-        block.forward = partial(stand_in, index)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
-
-
-@torch.no_grad()
-def final_hidden_states(model: nn.Module, windows: torch.Tensor, batch_size: int,
-                        pruning: PruningRun | None = None) -> list[torch.Tensor]:
-    """The final hidden states (after the final norm) of `model` on `windows` (n, T), one (B, T, D) tensor per
-    batch of `batch_size` windows, computed block by block: all batches pass block k before block k+1 is
-    materialized. The same per-batch operations as the whole model's forward, so the same bits. With `pruning`
-    (lqtk.token_pruning), the blocks from its start_layer on run on each batch's kept tokens (B, K, D), whose
-    positions it then holds."""
-    device = model.get_input_embeddings().weight.device
-    blocks, decoder = decoder_blocks(model), model.get_decoder()
-    batches = [batch.to(device) for batch in windows.split(batch_size)]
-    hidden, block_kwargs = [], []
-    for batch in batches:
-        kwargs = []
-
-        def record(index, x, block_args):
-            if index == 0:
-                hidden.append(x)
-            kwargs.append(block_args)
-            return x
-
-        with _stand_ins(blocks, record):
-            decoder(batch, use_cache=False)
-        block_kwargs.append(kwargs)
-    for index in range(len(blocks)):
-        with block_on(model, index, device) as block:
-            if pruning is None:
-                hidden = [block_output(block(x, **kwargs[index])) for x, kwargs in zip(hidden, block_kwargs)]
-            else:
-                hidden = pruning.run_block(block, index, len(blocks), hidden, [kw[index] for kw in block_kwargs])
-    outputs = []
-    for batch, x in zip(batches, hidden):
-        with _stand_ins(blocks, lambda index, h, _, x=x: x if index == len(blocks) - 1 else h):
-            outputs.append(decoder(batch, use_cache=False).last_hidden_state)
-    return outputs
 
 
 # --- memory -----------------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
+from lqtk.anatomy import block_output
 from lqtk.errors import LqtkError
-from lqtk.models import block_output
 
 OBSERVED_ATTENTION = "lqtk_observed"
 

@@ -1,5 +1,5 @@
 """lqtk exports in plain transformers: after `import lqtk`, `AutoModelForCausalLM.from_pretrained(export_dir)` loads an
-lqtk export (quant_method "lqtk", `lqtk.export.format`) with its `QuantizedLinear`s, through transformers' quantizer
+lqtk export (quant_method "lqtk", `lqtk.model_format`) with its `QuantizedLinear`s, through transformers' quantizer
 registry, so users need no lqtk-specific loader.
 
 Before the weights load, the quantizer puts a `QuantizedLinear` on the meta device in place of every Linear that the
@@ -13,10 +13,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lqtk.errors import LqtkError
-from lqtk.moe import unfuse_experts
-from lqtk.nn import set_submodule
-from lqtk.streaming import WeightFiles, meta_quantized_linear
-from lqtk.token_pruning import TokenPruning
+from lqtk.model_format import FORMAT_VERSION, install_quantized_layers
+from lqtk.weights import WeightFiles
 
 
 @register_quantization_config("lqtk")
@@ -40,8 +38,6 @@ class LqtkHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def validate_environment(self, *args, **kwargs):
-        from lqtk.export.format import FORMAT_VERSION
-
         if self.quantization_config.format_version != FORMAT_VERSION:
             raise LqtkError(f"the model is lqtk format version {self.quantization_config.format_version}; this lqtk "
                             f"reads version {FORMAT_VERSION}: install the lqtk that wrote it")
@@ -50,11 +46,7 @@ class LqtkHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise LqtkError("an lqtk export loads from its folder of safetensors files")
         files = WeightFiles(Path(checkpoint_files[0]).parent)
-        unfuse_experts(model)  # the structure the export was saved in: one Linear per expert
-        for name, layer in self.quantization_config.layers.items():
-            set_submodule(model, name, meta_quantized_linear(files, name, layer))
-        if self.quantization_config.token_pruning:
-            model.lqtk_token_pruning = TokenPruning(**self.quantization_config.token_pruning)
+        install_quantized_layers(model, files, self.quantization_config.layers, self.quantization_config.token_pruning)
 
     def is_serializable(self):
         return False  # `lqtk export` / ExportQuantized write this format; save_pretrained would not record it

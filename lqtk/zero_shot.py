@@ -25,8 +25,8 @@ from torch.nn.functional import log_softmax
 
 from lqtk.errors import LqtkError
 from lqtk.evaluate import output_logits
+from lqtk.forward import final_hidden_states
 from lqtk.models import cache_dir
-from lqtk.streaming import final_hidden_states
 
 TASKS = ("next_line", "last_word")
 # the metric each task is reported by (lm-eval's convention): per byte where continuations differ in length

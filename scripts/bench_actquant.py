@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from readme_section import update_readme_section
 
 from lqtk.data import TextDataModule
+from lqtk.forward import final_hidden_states
 from lqtk.kernels import int_gemm
 from lqtk.models import load_causal_lm
-from lqtk.streaming import final_hidden_states
 from lqtk.token_pruning import PruningRun, TokenPruning
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096)]  # (out, in): q/o, gate/up, down, a 7B-wide layer

@@ -22,8 +22,9 @@ import torch
 import yaml
 from readme_section import update_readme_section
 
+from lqtk.anatomy import decoder_blocks
 from lqtk.data import TextDataModule
-from lqtk.models import decoder_blocks, load_causal_lm
+from lqtk.models import load_causal_lm
 from lqtk.quant import AQLM, HessianAccumulator
 
 REPO = Path(__file__).resolve().parents[1]

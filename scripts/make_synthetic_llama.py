@@ -11,7 +11,7 @@ import argparse
 import math
 from pathlib import Path
 
-from lqtk.models import write_random_llama
+from lqtk.reference_models import write_random_llama
 
 
 def fp32_bytes(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> int:

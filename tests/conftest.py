@@ -21,7 +21,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def deep_model(tmp_path_factory):
     """A tiny Llama deep enough (8 blocks) that a kill lands in the middle of the walk."""
-    from lqtk.models import build_tiny_llama
+    from lqtk.reference_models import build_tiny_llama
 
     path = tmp_path_factory.mktemp("deep") / "model"
     build_tiny_llama(path, num_hidden_layers=8, hidden_size=96, intermediate_size=256)

@@ -11,15 +11,12 @@ from safetensors.torch import load_file
 
 from helpers import REPO, outlier_inputs, recipe_args, run_lqtk
 from lqtk.errors import LqtkError
-from lqtk.quant import FORMATS, GPTQ, AgileQuant, QuIP
-from lqtk.quant.activations import (
-    calibrate_inputs,
-    fake_quantize_input,
-    fake_quantize_tokens,
-    quantize_tokens,
-    trip_exponents,
-)
-from lqtk.quant.incoherence import layer_seeds, rotate
+from lqtk.formats import FORMATS
+from lqtk.formats.act_quant import fake_quantize_input, fake_quantize_tokens, quantize_tokens
+from lqtk.formats.incoherent import rotate
+from lqtk.quant import GPTQ, AgileQuant, QuIP
+from lqtk.quant.agile_quant import calibrate_inputs, trip_exponents
+from lqtk.quant.quip import layer_seeds
 
 RECIPE = str(REPO / "configs" / "debug" / "gptq-w4a8-tiny.yaml")
 

@@ -88,6 +88,23 @@ def test_import_lqtk_loads_the_api_only_when_used():
 
 
 @pytest.mark.slow
+def test_an_export_loads_and_runs_without_the_calibration_side(exports):
+    """formats + kernels + nn + the loader are the runtime: loading and running an export (with transformers, and
+    with lqtk's loader) imports no module of lqtk.quant or lqtk.phases."""
+    code = ("import sys\nimport torch\nimport lqtk.formats, lqtk.kernels, lqtk.nn\n"
+            "from transformers import AutoModelForCausalLM\nfrom lqtk.models import load_causal_lm\n"
+            f"ids = torch.arange(1, 17)[None]\n"
+            f"for model in (AutoModelForCausalLM.from_pretrained({str(exports[0])!r}),"
+            f" load_causal_lm({str(exports[0])!r})):\n"
+            "    assert lqtk.nn.quantized_layers(model)\n"
+            "    assert torch.isfinite(model(ids).logits).all()\n"
+            "calibration = [m for m in sys.modules if m.startswith(('lqtk.quant', 'lqtk.phases'))]\n"
+            "assert not calibration, calibration\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
 def test_example_runs(example, exports, corpus, tmp_path):
     text = ["--calibration", str(corpus["calibration"]), "--evaluation", str(corpus["evaluation"]), "--windows", "8",

@@ -8,10 +8,11 @@ import torch
 
 from helpers import REPO, correlated_problem, fails_with, recipe_args
 from lqtk.errors import LqtkError
+from lqtk.formats import QuantizedWeight
+from lqtk.formats.aqlm import decode, propose
+from lqtk.formats.packing import pack_bits
 from lqtk.quant import AQLM
-from lqtk.quant.aqlm import decode, init_residual_kmeans, propose, proxy_loss, update_codes
-from lqtk.quant.base import QuantizedWeight
-from lqtk.quant.primitives import pack_bits
+from lqtk.quant.aqlm import init_residual_kmeans, proxy_loss, update_codes
 
 SMALL = dict(num_codebooks=2, nbits_per_codebook=4, in_group_size=4, max_rounds=4, relative_tolerance=0.0)
 

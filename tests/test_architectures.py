@@ -15,12 +15,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 from helpers import DEBUG_RECIPE, write_text
+from lqtk.anatomy import block_output, decoder_blocks, linear_layers
 from lqtk.cli import main
-from lqtk.models import block_output, build_tiny_model, decoder_blocks, linear_layers, load_causal_lm
+from lqtk.models import load_causal_lm
 from lqtk.moe import unfuse_experts
 from lqtk.phases import calibration_passes as passes_module
 from lqtk.phases.walk import BlockWalk
 from lqtk.quant import RTN
+from lqtk.reference_models import build_tiny_model
 
 ARCHITECTURES = ["qwen2", "gemma3", "phi3", "qwen2_moe"]
 BOS = {"gemma3"}  # Gemma-3 is trained with a BOS token at the start of every sequence

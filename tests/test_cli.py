@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import DEBUG_RECIPE, REPO, corpus_args, fails_with, recipe_args, run_lqtk
 from lqtk.cli import COMMANDS, main
-from lqtk.models import build_tiny_llama
+from lqtk.reference_models import build_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from lqtk.errors import LqtkError
+from lqtk.formats import FORMATS
+from lqtk.formats.packing import pack_bits
 from lqtk.kernels import cpu
-from lqtk.quant import FORMATS, RTN, HessianAccumulator, LeanQuant
-from lqtk.quant.primitives import pack_bits
+from lqtk.quant import RTN, HessianAccumulator, LeanQuant
 
 OUT_FEATURES = 37  # not a multiple of 4: the last rows of the buffered product are padding
 BATCHES = [1, 3, 5, 16]  # 1 and 3 rows go through `gemv`, 5 and 16 through `gemm` (chunks of 3, 2 and 1)

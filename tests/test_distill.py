@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import LQTK, QUICK, REPO, fails_with, kill_at_random_moment, recipe_args, run_lqtk
+from lqtk.formats import FORMATS
 from lqtk.nn import QuantizedLinear
+from lqtk.phases.pv import PVTuning, StraightThroughCodes
 from lqtk.quant import AQLM, GPTQ, LeanQuant
-from lqtk.quant.base import FORMATS
-from lqtk.quant.pv import PVTuning, StraightThroughCodes
 
 DEBUG = REPO / "configs" / "debug"
 PV = ["--model.init_args.pv", '{"lr": 0.001, "max_code_change": 0.05}']

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from lqtk.evaluate import logits_in_chunks, perplexity
-from lqtk.models import build_tiny_llama
+from lqtk.reference_models import build_tiny_llama
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])

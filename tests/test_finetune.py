@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from helpers import REPO, fails_with, recipe_args, run_lqtk
+from lqtk.anatomy import decoder_blocks, linear_layers
 from lqtk.errors import LqtkError
-from lqtk.models import build_tiny_llama, decoder_blocks, linear_layers, load_causal_lm
+from lqtk.models import load_causal_lm
 from lqtk.nn import QuantizedLinear, set_submodule
 from lqtk.phases.block_tuning import BlockTuning, held_out_error, tune_block
 from lqtk.quant import RTN
+from lqtk.reference_models import build_tiny_llama
 
 DEBUG = REPO / "configs" / "debug"
 CHAIN = [str(DEBUG / "aqlm-tiny.yaml"), str(DEBUG / "aqlm-tiny-ft.yaml")]

@@ -15,12 +15,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from lqtk.anatomy import decoder_blocks, linear_layers
 from lqtk.errors import LqtkError
 from lqtk.export.hf_aqlm import save_hf_aqlm
-from lqtk.models import build_tiny_llama, decoder_blocks, linear_layers, load_causal_lm
+from lqtk.formats import QuantizedWeight
+from lqtk.formats.packing import pack_bits
+from lqtk.models import load_causal_lm
 from lqtk.nn import QuantizedLinear, set_submodule
-from lqtk.quant import RTN, QuantizedWeight
-from lqtk.quant.primitives import pack_bits
+from lqtk.quant import RTN
+from lqtk.reference_models import build_tiny_llama
 
 
 @pytest.fixture(scope="module")

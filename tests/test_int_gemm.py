@@ -7,11 +7,12 @@ import torch.nn.functional as F
 
 from helpers import outlier_inputs
 from lqtk.errors import LqtkError
+from lqtk.formats import FORMATS
+from lqtk.formats.act_quant import fake_quantize_input, fake_quantize_tokens, quantize_tokens
 from lqtk.kernels import int_gemm
 from lqtk.kernels.int_gemm import integer_weight
 from lqtk.nn import QuantizedLinear
-from lqtk.quant import FORMATS, GPTQ, AgileQuant
-from lqtk.quant.activations import fake_quantize_input, fake_quantize_tokens, quantize_tokens
+from lqtk.quant import GPTQ, AgileQuant
 
 BUILT = int_gemm.available()  # compiled once into lqtk.kernels.build_directory(), shared by every run
 

@@ -6,8 +6,10 @@ import torch
 
 from helpers import correlated_problem
 from lqtk.errors import LqtkError
+from lqtk.formats.affine import fake_quantize
+from lqtk.formats.packing import pack_bits, unpack_bits
 from lqtk.quant import GPTQ, RTN, HessianAccumulator, LeanQuant
-from lqtk.quant.primitives import fake_quantize, minmax_qparams, mse_qparams, pack_bits, unpack_bits
+from lqtk.quant.primitives import minmax_qparams, mse_qparams
 
 
 def output_error(w, q, x):

@@ -45,7 +45,7 @@ def test_rebuilt_from_its_layer_config_and_tensors():
 
 
 def test_bits_per_weight_counts_codes_scales_and_zeros():
-    from lqtk.export.format import bits_per_weight
+    from lqtk.model_format import bits_per_weight
 
     model = torch.nn.Sequential(QuantizedLinear(RTN(bits=4, group_size=128).quantize(torch.randn(576, 576))),
                                 QuantizedLinear(RTN(bits=3, group_size=128, symmetric=True)

@@ -12,13 +12,16 @@ from torch import nn
 
 from helpers import correlated_problem
 from lqtk.errors import LqtkError
-from lqtk.models import build_tiny_llama
+from lqtk.formats import QuantizedWeight, WeightFormat, register_format
+from lqtk.formats.affine import quantize_affine
+from lqtk.formats.incoherent import rotate, walsh_hadamard
+from lqtk.formats.lut import nearest_level
+from lqtk.formats.packing import unpack_bits
 from lqtk.nn import QuantizedLinear
-from lqtk.quant import GPTQ, LeanQuant, QuantizedWeight, QuIP, WeightFormat, WeightQuantizer
-from lqtk.quant.base import register_format
-from lqtk.quant.incoherence import rotate, walsh_hadamard
-from lqtk.quant.leanquant import nearest_level, weighted_kmeans
-from lqtk.quant.primitives import minmax_qparams, quantize_affine, unpack_bits
+from lqtk.quant import GPTQ, LeanQuant, QuIP, WeightQuantizer
+from lqtk.quant.leanquant import weighted_kmeans
+from lqtk.quant.primitives import minmax_qparams
+from lqtk.reference_models import build_tiny_llama
 
 
 @pytest.mark.parametrize("n", [1, 2, 64, 12, 160, 576, 1536])

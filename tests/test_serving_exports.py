@@ -14,12 +14,14 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from helpers import REPO, fails_with, recipe_args
+from lqtk.anatomy import decoder_blocks, linear_layers
 from lqtk.cli import main
 from lqtk.errors import LqtkError
 from lqtk.export.serving import load_decoded, save_serving
-from lqtk.models import build_tiny_llama, decoder_blocks, linear_layers, load_causal_lm
+from lqtk.models import load_causal_lm
 from lqtk.nn import QuantizedLinear, quantized_layers, set_submodule
 from lqtk.quant import RTN, LeanQuant
+from lqtk.reference_models import build_tiny_llama
 
 GPTQ_PYTHON = REPO / ".venv-gptqmodel" / "bin" / "python"
 GPTQ_SCRIPT = REPO / "scripts" / "gptq_serving_check.py"

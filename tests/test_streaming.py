@@ -8,13 +8,16 @@ import torch
 from lightning import Trainer
 
 from helpers import REPO, calibrate, quantized_tensors, recipe_args, run_lqtk, write_text
+from lqtk.anatomy import decoder_blocks, linear_layers
 from lqtk.data import TextDataModule
 from lqtk.errors import LqtkError
-from lqtk.models import decoder_blocks, linear_layers, load_causal_lm, write_random_llama
+from lqtk.forward import final_hidden_states
+from lqtk.models import load_causal_lm
 from lqtk.nn import quantized_layers
 from lqtk.phases import LayerwiseCalibration
 from lqtk.quant import RTN
-from lqtk.streaming import INDEX_NAME, final_hidden_states
+from lqtk.reference_models import write_random_llama
+from lqtk.weights import INDEX_NAME
 
 RTN_RECIPE = str(REPO / "configs" / "smollm2-135m" / "rtn-w4g128.yaml")
 WIDE = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=8, vocab_size=512)

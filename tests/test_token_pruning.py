@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from lqtk.anatomy import decoder_blocks
 from lqtk.errors import LqtkError
 from lqtk.evaluate import perplexity
-from lqtk.models import build_tiny_llama, decoder_blocks
-from lqtk.streaming import final_hidden_states
+from lqtk.forward import final_hidden_states
+from lqtk.reference_models import build_tiny_llama
 from lqtk.token_pruning import PruningRun, TokenPruning, kept_positions
 
 

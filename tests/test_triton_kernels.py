@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lqtk.formats import FORMATS
+from lqtk.formats import incoherent as incoherence
+from lqtk.formats.lut import nearest_level
+from lqtk.formats.packing import pack_bits
 from lqtk.kernels import triton_kernels
-from lqtk.quant import FORMATS, RTN, LeanQuant, incoherence
-from lqtk.quant.leanquant import nearest_level
-from lqtk.quant.primitives import pack_bits
+from lqtk.quant import RTN, LeanQuant
 
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
 OUT, IN = 48, 576  # 576 = 4 x 128 + 64: a shorter last group; 48 outputs: a partial output tile

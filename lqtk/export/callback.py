@@ -29,7 +29,6 @@ from transformers import AutoTokenizer
 from lqtk.disk import check_disk_space, disk_needs
 from lqtk.errors import LqtkError
 from lqtk.evaluate import EVAL_BATCH_SIZE, fp_perplexity, perplexity, streamed_logits
-from lqtk.export.format import bits_per_weight, save_quantized
 from lqtk.export.hf_aqlm import save_hf_aqlm
 from lqtk.export.serving import (
     SERVING_FORMATS,
@@ -39,10 +38,12 @@ from lqtk.export.serving import (
     save_serving,
     serving_folder,
 )
+from lqtk.formats import AQLMFormat
+from lqtk.model_format import bits_per_weight, save_quantized
 from lqtk.models import load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers
+from lqtk.phases.base import Phase
 from lqtk.phases.walk import BlockWalk
-from lqtk.quant import AQLM
 from lqtk.streaming import load_outside_blocks, materialize_all, release_outside_blocks, to_device, weight_files
 from lqtk.token_pruning import TokenPruning
 
@@ -116,25 +117,21 @@ class ExportQuantized(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.fp_perplexity = state_dict["fp_perplexity"]
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if "model-hf-aqlm" in self.writers:  # refused now rather than after the whole phase
-            quantizer = getattr(pl_module, "quantizer", None)  # a calibration phase; a fine-tuning one has a model
-            if quantizer is not None:
-                is_aqlm = isinstance(quantizer, AQLM)
-            else:
-                is_aqlm = {m.format for m in quantized_layers(pl_module.model).values()} == {"aqlm"}
+    def on_fit_start(self, trainer, pl_module: Phase) -> None:
+        # refused now rather than after the whole phase: by the method a calibration phase applies, else by the
+        # layers of the model a phase tunes
+        formats = None if pl_module.quantizer else {m.format for m in quantized_layers(pl_module.model).values()}
+        if "model-hf-aqlm" in self.writers:
+            is_aqlm = pl_module.quantizer.format == AQLMFormat.name if pl_module.quantizer else formats == {"aqlm"}
             if not is_aqlm:
                 raise LqtkError("export.hf_aqlm needs an AQLM model: set export.hf_aqlm false, or quantize with "
                                 "lqtk.quant.AQLM")
-        for format_name in self.serving_formats:  # refused now rather than after the whole phase
-            quantizer = getattr(pl_module, "quantizer", None)
-            if quantizer is not None:
-                check_quantizer_servable(quantizer, format_name)
-            else:
-                formats = {m.format for m in quantized_layers(pl_module.model).values()}
-                if formats - {"affine"}:
-                    raise LqtkError(f"export.serving_formats has {format_name!r}, which stores 'affine' layers only, "
-                                    f"and this model has {sorted(formats - {'affine'})} layers: remove it")
+        for format_name in self.serving_formats:
+            if pl_module.quantizer:
+                check_quantizer_servable(pl_module.quantizer, format_name)
+            elif formats - {"affine"}:
+                raise LqtkError(f"export.serving_formats has {format_name!r}, which stores 'affine' layers only, "
+                                f"and this model has {sorted(formats - {'affine'})} layers: remove it")
         if self.evaluate and self.fp_perplexity is None and trainer.is_global_zero:  # before the phase's work
             fp_model, fp_model_path = pl_module.fp_reference()
             self.fp_perplexity = self._on_device(fp_model, trainer, fp_perplexity, resolve_model(fp_model_path))

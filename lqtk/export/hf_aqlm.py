@@ -20,9 +20,9 @@ from transformers import PreTrainedModel
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from lqtk.errors import LqtkError
+from lqtk.formats.aqlm import unpack_codes
 from lqtk.nn import quantized_layers
-from lqtk.quant.aqlm import unpack_codes
-from lqtk.streaming import WEIGHTS_NAME
+from lqtk.weights import WEIGHTS_NAME
 
 # aqlm's CPU kernel for 8-bit codebooks (numba, imported on aqlm's first forward) gives wrong results on several
 # threads: verifying or evaluating an export in this process must use one

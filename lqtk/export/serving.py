@@ -55,21 +55,14 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
+from lqtk.anatomy import block_prefix, decoder_blocks
 from lqtk.errors import LqtkError
-from lqtk.models import decoder_blocks, load_causal_lm
+from lqtk.formats import FORMATS
+from lqtk.formats.packing import pack_bits, unpack_bits
+from lqtk.models import load_causal_lm
 from lqtk.nn import QuantizedLinear, quantized_layers
-from lqtk.quant.affine import AffineQuantizer
-from lqtk.quant.base import FORMATS
-from lqtk.quant.primitives import pack_bits, unpack_bits
-from lqtk.streaming import (
-    INDEX_NAME,
-    SHARD_BYTES,
-    WEIGHTS_NAME,
-    block_prefix,
-    empty_model,
-    save_tensor_groups,
-    tensor_groups,
-)
+from lqtk.streaming import empty_model, tensor_groups
+from lqtk.weights import INDEX_NAME, SHARD_BYTES, WEIGHTS_NAME, save_tensor_groups
 
 log = logging.getLogger(__name__)
 
@@ -381,22 +374,12 @@ def load_compressed_tensors(folder: Path, dtype: torch.dtype = torch.float32) ->
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra).eval()
 
 
-def quantizer_format(quantizer) -> str | None:
-    """The storage format an `AffineQuantizer` (RTN, GPTQ, LeanQuant) produces, from a small random weight (LeanQuant's
-    non-uniform grid makes `lut`); None for other quantizers, which make other formats."""
-    if not isinstance(quantizer, AffineQuantizer):
-        return None
-    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
-    return quantizer.quantize(weight, torch.eye(64) if quantizer.needs_hessian else None).format
-
-
 def check_quantizer_servable(quantizer, format_name: str) -> None:
     """Before a calibration phase: refuse a quantizer whose layers `format_name` could not store."""
-    produced = quantizer_format(quantizer)
-    if produced != "affine":
-        raise LqtkError(f"the {type(quantizer).__name__} quantizer makes {produced or 'non-affine'!r} layers, which "
-                        f"the {format_name} format cannot hold (it stores lqtk's 'affine' format: RTN, GPTQ, "
-                        "LeanQuant's affine grid): remove it from export.serving_formats")
+    if quantizer.format != "affine":
+        raise LqtkError(f"the {type(quantizer).__name__} quantizer makes 'non-affine' layers, which the {format_name} "
+                        "format cannot hold (it stores lqtk's 'affine' format: RTN, GPTQ, LeanQuant's affine grid; "
+                        f"this quantizer writes {quantizer.format!r}): remove it from export.serving_formats")
     if format_name == "gptq" and quantizer.group_size is not None and _gptq_group_size(quantizer.group_size) is None:
         raise LqtkError(f"group_size={quantizer.group_size}: GPTQ loaders take groups of {GPTQ_GROUP_SIZES}, and none "
                         "of them divides it; choose such a group size or remove gptq from export.serving_formats")

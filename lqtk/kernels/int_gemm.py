@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from lqtk.errors import LqtkError
+from lqtk.formats import FORMATS
+from lqtk.formats.packing import unpack_bits
 from lqtk.kernels import build_extension
-from lqtk.quant.base import FORMATS
-from lqtk.quant.primitives import unpack_bits
 
 SOURCE = Path(__file__).parent / "csrc" / "int_gemm.cpp"
 MAX_WEIGHT = 64
@@ -133,7 +133,7 @@ def w4a8_linear(x: torch.Tensor, packed: PackedW4, scales: torch.Tensor, clip: f
 
 
 def quantize_tokens(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's per-token quantization of x (T, K) fp32, as lqtk.quant.activations.quantize_tokens(x, 8, clip):
+    """The kernel's per-token quantization of x (T, K) fp32, as lqtk.formats.act_quant.quantize_tokens(x, 8, clip):
     (codes (T, K) uint8, scales (T, 1), zero points (T, 1))."""
     rows, inputs = x.shape
     codes, scale, zero = _kernels().quantize(x.float().contiguous(), float(clip))

@@ -7,7 +7,7 @@
 - `walsh_hadamard`, `rotate`: the orthonormal Walsh–Hadamard transform and QuIP's randomized (H_a ⊗ Q_m)
   transform, as Kronecker factors applied one at a time, each a small matmul along one axis of the row.
 
-The plain-torch references are the formats' own `dequantize` + `F.linear` and `lqtk.quant.incoherence`.
+The plain-torch references are the formats' own `dequantize` + `F.linear` and `lqtk.formats.incoherent`.
 Under `TRITON_INTERPRET=1` (CPU tests) the wrappers compute in fp32 with large blocks: the interpreter gets bf16
 wrong, and its time grows with the number of programs. Set the variable before this module is imported.
 """
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lqtk.quant.incoherence import hadamard_factors, random_factors
+from lqtk.formats.incoherent import hadamard_factors, random_factors
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_HADAMARD_FACTOR = 128
@@ -293,7 +293,7 @@ def _hadamard_passes(x, out_dtype, signs=None, signs_out=False, inner=1):
 
 def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Walsh–Hadamard transform of x (..., n) along its last dim, n a power of two (at most 128^3
-    in three passes, any larger in more): `lqtk.quant.incoherence.walsh_hadamard(x, -1)`, in x's dtype, computed
+    in three passes, any larger in more): `lqtk.formats.incoherent.walsh_hadamard(x, -1)`, in x's dtype, computed
     in fp32."""
     n = x.shape[-1]
     if n & (n - 1):
@@ -304,7 +304,7 @@ def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, seed: int, transpose: bool = False) -> torch.Tensor:
     """V x (or Vᵀ x) along the last dim, V = (H_a ⊗ Q_m)·diag(signs)/√a the randomized Hadamard transform of `seed`
-    (as `lqtk.quant.incoherence.rotate`, fp32 in and out): signs, then H_a on the a axis of the row seen as (a, m),
+    (as `lqtk.formats.incoherent.rotate`, fp32 in and out): signs, then H_a on the a axis of the row seen as (a, m),
     then Q_m on the m axis (reversed, with Qᵀ, for the transpose)."""
     n = x.shape[-1]
     a, m = hadamard_factors(n)

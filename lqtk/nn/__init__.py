@@ -1,3 +1,9 @@
-from lqtk.nn.quantized_linear import QuantizedLinear, quantized_layers, quantized_linear_from_config, set_submodule
+from lqtk.nn.quantized_linear import (
+    QuantizedLinear,
+    quantized_layers,
+    quantized_linear_from_config,
+    quantized_matmul,
+    set_submodule,
+)
 
-__all__ = ["QuantizedLinear", "quantized_layers", "quantized_linear_from_config", "set_submodule"]
+__all__ = ["QuantizedLinear", "quantized_layers", "quantized_linear_from_config", "quantized_matmul", "set_submodule"]

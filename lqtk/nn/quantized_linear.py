@@ -1,15 +1,28 @@
 """`QuantizedLinear`: an nn.Linear replacement that holds a `QuantizedWeight` and decodes it in forward.
 
 Floating-point tensors of the weight (scales, codebooks) are frozen nn.Parameters, so a fine-tuning phase can
-train them by flipping `requires_grad`; integer codes are buffers. The format's `linear` runs the matmul, with the
-layer's cache of the decoded weight (a wrapping format's inner one) while its tensors are frozen."""
+train them by flipping `requires_grad`; integer codes are buffers. `quantized_matmul` runs the matmul: the one place
+that chooses between a kernel reading the stored tensors and the format's decoding, with the layer's cache of the
+decoded weight (a wrapping format's inner one) while its tensors are frozen."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lqtk.errors import LqtkError
-from lqtk.quant.base import FORMATS, QuantizedWeight, WeightFormat
+from lqtk.formats import FORMATS, QuantizedWeight, WeightFormat
+from lqtk.kernels.dispatch import kernel_linear
+
+
+def quantized_matmul(format_name: str, x: torch.Tensor, tensors: dict[str, torch.Tensor], spec: dict,
+                     bias: torch.Tensor | None, cache=None) -> torch.Tensor:
+    """x Ŵᵀ + b of a weight stored in `format_name`: by a kernel reading the stored tensors where one applies
+    (lqtk.kernels.dispatch), else by the format, which decodes Ŵ or, if it wraps another format's weight,
+    transforms x around that weight's matmul, chosen here again."""
+    y = kernel_linear(format_name, x, tensors, spec, cache)
+    if y is not None:
+        return y if bias is None else y + bias
+    return FORMATS[format_name].linear(x, tensors, spec, bias, cache, quantized_matmul)
 
 
 class QuantizedLinear(nn.Module):
@@ -50,7 +63,7 @@ class QuantizedLinear(nn.Module):
             weight.register_hook(self._add_weight_grad)
             return F.linear(x, weight.to(x.dtype), self.bias)
         frozen = not any(t.requires_grad for t in tensors.values())
-        return FORMATS[self.format].linear(x, tensors, self.spec, self.bias, self._cached if frozen else None)
+        return quantized_matmul(self.format, x, tensors, self.spec, self.bias, self._cached if frozen else None)
 
     def _add_weight_grad(self, grad: torch.Tensor) -> None:
         self.weight_grad.add_(grad)

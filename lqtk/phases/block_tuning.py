@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lqtk.anatomy import block_output
 from lqtk.errors import LqtkError
-from lqtk.models import block_output
 from lqtk.nn import QuantizedLinear
 
 

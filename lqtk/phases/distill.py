@@ -1,6 +1,6 @@
 """`KLDistillation`: end-to-end fine-tuning of a quantized model (the student) towards its fp model (the teacher) by
 the KL divergence of their next-token distributions (AQLM §3.3 end to end, QuIP#'s fine-tuning), optionally with
-PV-tuning's code updates (`lqtk.quant.pv`).
+PV-tuning's code updates (`lqtk.phases.pv`).
 
 Student: an lqtk export, integer codes frozen (PV-tuning moves them), the floating tensors chosen by `trainable`
 trained by AdamW (or bitsandbytes' 8-bit AdamW) with a warm-up + cosine schedule, gradient accumulation over the
@@ -27,25 +27,26 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchmetrics.text import Perplexity
 
+from lqtk.anatomy import decoder_blocks
 from lqtk.errors import LqtkError
 from lqtk.evaluate import logits_in_chunks, output_logits
-from lqtk.models import decoder_blocks, load_causal_lm
+from lqtk.models import load_causal_lm
 from lqtk.nn import quantized_layers
+from lqtk.phases.base import Phase
 from lqtk.phases.block_tuning import trainable_parameters
 from lqtk.phases.finetune import load_student_and_teacher
-from lqtk.quant.pv import PVTuning, StraightThroughCodes
+from lqtk.phases.pv import PVTuning, StraightThroughCodes
 
 TRAINABLE = ("codebooks", "scales", "norms")
 
 
-class KLDistillation(LightningModule):
+class KLDistillation(Phase):
     """Distill an fp teacher into a quantized student, end to end.
 
     Args:
@@ -83,11 +84,9 @@ class KLDistillation(LightningModule):
         self.warmup_steps, self.min_lr_ratio, self.temperature = warmup_steps, min_lr_ratio, temperature
         self.kl_chunk_size, self.max_grad_norm, self.mixed_precision = kl_chunk_size, max_grad_norm, mixed_precision
         self.checkpoint_every_n_steps, self.pv = checkpoint_every_n_steps, pv
-        self.automatic_optimization = False  # one training step = one optimizer step over the global batch
         self.model: nn.Module | None = None
         self.val_perplexity = Perplexity(ignore_index=-100)
         self.history: list[dict] = []  # validation perplexity per epoch, training KL per step
-        self.quantize_time_s = 0.0  # the phase's own time (training and validation), for metrics.json
 
     # --- models -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -217,20 +216,16 @@ class KLDistillation(LightningModule):
                                  "temperature": self.temperature, "pv": None if self.pv is None else vars(self.pv)}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lqtk"] = {"phase": type(self).__name__, "identity": self.identity(), "history": self.history,
-                              "quantize_time_s": self.quantize_time_s + time.perf_counter() - self.started}
-        if self.pv is not None:
-            checkpoint["lqtk"]["pv"] = self.codes.state_dict()
+        self.save_phase_state(checkpoint, history=self.history,
+                              **({} if self.pv is None else {"pv": self.codes.state_dict()}))
+
+    def phase_time_s(self) -> float:
+        """The training and validation time (the stretch since `started` too)."""
+        return self.quantize_time_s + time.perf_counter() - self.started
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("lqtk", {})
-        if state.get("phase") != type(self).__name__:
-            raise LqtkError("this checkpoint was not written by KLDistillation: pass a checkpoint of this recipe's "
-                            "run, or start afresh without --ckpt_path")
-        if state["identity"] != self.identity():
-            raise LqtkError("the checkpoint belongs to another distillation run (different model, teacher or "
-                            "settings): resume with the recipe that wrote it, or use another trainer.default_root_dir")
-        self.history, self.quantize_time_s = state["history"], state["quantize_time_s"]
+        state = self.load_phase_state(checkpoint)
+        self.history = state["history"]
         if self.pv is not None:
             self.codes.load_state_dict(state["pv"])
 

@@ -13,8 +13,9 @@ import time
 
 import torch
 
+from lqtk.anatomy import decoder_blocks
 from lqtk.errors import LqtkError
-from lqtk.models import decoder_blocks, load_causal_lm
+from lqtk.models import load_causal_lm
 from lqtk.nn import quantized_layers
 from lqtk.phases.block_tuning import BlockTuning, trainable_parameters
 from lqtk.phases.walk import BlockWalk

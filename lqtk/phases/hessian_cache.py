@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lqtk.streaming import save_file_atomically
+from lqtk.weights import save_file_atomically
 
 
 def save_group(folder: Path, linears: list[str], hessian: torch.Tensor, inputs: torch.Tensor | None) -> None:

@@ -40,8 +40,11 @@ from typing import Literal
 
 import torch
 
+from lqtk.anatomy import decoder_blocks, linear_layers
 from lqtk.errors import LqtkError
-from lqtk.models import decoder_blocks, linear_layers, load_causal_lm
+from lqtk.formats import QuantizedWeight
+from lqtk.forward import StopForward
+from lqtk.models import load_causal_lm
 from lqtk.moe import ROUTER_LINEARS
 from lqtk.nn import QuantizedLinear, quantized_layers, set_submodule
 from lqtk.phases.block_tuning import BlockTuning
@@ -49,9 +52,9 @@ from lqtk.phases.calibration_passes import calibration_passes
 from lqtk.phases.hessian_cache import save_group
 from lqtk.phases.processes import BlockWalkStrategy, broadcast_from, gather_to, world
 from lqtk.phases.replay import SubmoduleReplay, record_tails
-from lqtk.phases.walk import BlockWalk, StopForward, beside_checkpoints, block_file
+from lqtk.phases.walk import BlockWalk, beside_checkpoints, block_file
 from lqtk.quant.allocation import output_error
-from lqtk.quant.base import HessianAccumulator, QuantizedWeight, WeightQuantizer
+from lqtk.quant.base import HessianAccumulator, WeightQuantizer
 from lqtk.streaming import (
     available_memory,
     load_outside_blocks,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lqtk.models import linear_layers
+from lqtk.anatomy import linear_layers
 
 
 def record_tails(block: nn.Module, tails: dict[str, tuple[str, int] | None]) -> list:

@@ -25,22 +25,25 @@ from typing import Literal
 import torch
 import yaml
 from jsonargparse import ArgumentParser
-from lightning import LightningModule
 from safetensors import safe_open
 
+from lqtk.anatomy import block_prefix, decoder_blocks
 from lqtk.errors import LqtkError
-from lqtk.models import decoder_blocks, load_causal_lm, resolve_model
+from lqtk.formats import storage_bits
+from lqtk.models import load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers, set_submodule
 from lqtk.nn.quantized_linear import quantized_linear_from_config
+from lqtk.phases.base import Phase
 from lqtk.phases.hessian_cache import group_files, load_group
 from lqtk.phases.layerwise import LayerwiseCalibration
-from lqtk.phases.walk import BlockCheckpoint, BlockProgressBar, block_file, checked_state, report
+from lqtk.phases.walk import BlockCheckpoint, BlockProgressBar, block_file, report
 from lqtk.quant.allocation import allocate, output_error, output_fisher
-from lqtk.quant.base import WeightQuantizer, storage_bits
-from lqtk.streaming import block_prefix, materialize, release, save_block, save_file_atomically
+from lqtk.quant.base import WeightQuantizer
+from lqtk.streaming import materialize, release, save_block
+from lqtk.weights import save_file_atomically
 
 
-class Requantize(LightningModule):
+class Requantize(Phase):
     """Re-quantization of a calibrated model's Linears from its cached Hessians.
 
     Args:
@@ -69,9 +72,7 @@ class Requantize(LightningModule):
         self.candidates, self.budget_bits, self.layers = candidates, budget_bits, layers
         self.sensitivity_windows = sensitivity_windows if budget_bits is not None else 0
         self.fisher: dict[str, torch.Tensor] | None = None  # chosen layer -> its output channels' weights
-        self.automatic_optimization = False
         self.measurements: dict[str, list[dict]] = {}  # chosen layer -> per candidate: bits, loss, layer config
-        self.quantize_time_s = 0.0
         self.allocation: dict[str, int] | None = None  # chosen layer -> its candidate, once all blocks are done
         self.status = ""
 
@@ -223,13 +224,11 @@ class Requantize(LightningModule):
                 "sensitivity_windows": self.sensitivity_windows}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lqtk"] = {"phase": type(self).__name__, "identity": self.identity(), "fisher": self.fisher,
-                              "measurements": self.measurements, "quantize_time_s": self.quantize_time_s}
+        self.save_phase_state(checkpoint, fisher=self.fisher, measurements=self.measurements)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checked_state(checkpoint, type(self).__name__, self.identity())
-        self.measurements, self.quantize_time_s = state["measurements"], state["quantize_time_s"]
-        self.fisher = state["fisher"]
+        state = self.load_phase_state(checkpoint)
+        self.measurements, self.fisher = state["measurements"], state["fisher"]
 
 
 class MixedCalibration(LayerwiseCalibration):

@@ -10,40 +10,31 @@ With several processes (`lqtk.phases.processes`), each takes a contiguous share 
 only their inputs; a checkpoint holds all of them, so a run resumes on any number of processes.
 """
 
-import functools
 import time
 from pathlib import Path
 
 import torch
-from lightning import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
+from lqtk.anatomy import block_output, block_prefix
 from lqtk.data import process_batches
-from lqtk.errors import LqtkError
-from lqtk.models import block_output
+from lqtk.forward import block_inputs
+from lqtk.phases.base import Phase
 from lqtk.phases.block_tuning import BlockTuning, tune_block
 from lqtk.phases.processes import gather_to
-from lqtk.streaming import activation_buffer, block_prefix, to_device
+from lqtk.streaming import activation_buffer, to_device
 
 
-class StopForward(Exception):
-    """Raised by a hook once what a pass needs has been seen: the rest of the forward is not needed."""
-
-
-class BlockWalk(LightningModule):
+class BlockWalk(Phase):
     """Base of the block-by-block phases. Subclasses set `self.model` and `self.blocks` in `setup`, do a block's
     work in the epoch hooks, and add their own state with `walk_state` / `restore_walk_state`."""
 
     def __init__(self):
         super().__init__()
-        # No save_hyperparameters(): LightningCLI would let a checkpoint's hyperparameters override the recipe on
-        # resume; instead `identity()` is checkpointed and a mismatch is refused.
-        self.automatic_optimization = False
         self.inputs: torch.Tensor | None = None  # (N, T, D) inputs of the current block (this process's), on the CPU
         self.activations_dir: Path | None = None  # if set, block inputs and outputs are memory-mapped files there
         self.batch_index = 0  # the calibration batch being run (set by `batch`)
         self.compute_dtype = torch.float32  # of the block forwards (`autocast`)
-        self.quantize_time_s = 0.0  # time spent in the phase's own work (not loading, evaluating or exporting)
         self.status = ""
 
     def configure_optimizers(self):
@@ -70,34 +61,16 @@ class BlockWalk(LightningModule):
 
     @torch.no_grad()
     def capture_block_inputs(self, batches) -> tuple[torch.Tensor, list[list[dict]]]:
-        """Run each batch through the model with every block standing aside (passing its hidden states through
-        unchanged) and keep block 0's hidden states and, per batch, the keyword arguments each block receives:
-        position embeddings and masks differ between blocks where sliding-window and full attention alternate
-        (Gemma-3), so block k is replayed with its own. Blocks share the objects they were passed, not copies."""
+        """Block 0's hidden states of every batch, and per batch the keyword arguments each block receives
+        (`lqtk.forward.block_inputs`)."""
         hidden, kwargs = [], []
-
-        def record(index, *args, **block_kwargs):
-            hidden_states = args[0] if args else block_kwargs.pop("hidden_states")
-            if index == 0:
-                hidden.append(hidden_states.cpu())
-                kwargs.append([])
-            kwargs[-1].append(block_kwargs)
-            if index == len(self.blocks) - 1:
-                raise StopForward  # the final norm and head are not needed
-            return hidden_states
-
-        for index, block in enumerate(self.blocks):
-            block.forward = functools.partial(record, index)  # an instance attribute shadows the class's forward
+        to_device(self.model, self.device)  # only the embedding runs (a streamed model's blocks are not loaded)
         try:
-            to_device(self.model, self.device)  # only the embedding runs (a streamed model's blocks are not loaded)
             for batch in batches:
-                try:
-                    self.model(batch.to(self.device), use_cache=False)
-                except StopForward:
-                    pass
+                batch_hidden, batch_kwargs = block_inputs(self.model, batch.to(self.device))
+                hidden.append(batch_hidden.cpu())
+                kwargs.append(batch_kwargs)
         finally:
-            for block in self.blocks:
-                del block.forward
             to_device(self.model, "cpu")
         return torch.cat(hidden), kwargs
 
@@ -148,22 +121,10 @@ class BlockWalk(LightningModule):
         report(self, status)
 
     def fp_reference(self) -> tuple[torch.nn.Module, str]:
-        """The fp model the phase's result is compared with, and its path (the model itself, before the walk)."""
+        """The model itself, before the walk."""
         return self.model, self.model_path
 
-    def exported_model(self) -> torch.nn.Module:
-        """The model the export writes (called on every process; rank 0's is written)."""
-        return self.model
-
-    def phase_metrics(self) -> dict:
-        """Per-layer and per-block figures for metrics.json."""
-        raise NotImplementedError
-
     # --- checkpoints --------------------------------------------------------------------------------------
-    def identity(self) -> dict:
-        """What must match for a checkpoint to be resumed by this run."""
-        raise NotImplementedError
-
     def walk_state(self) -> dict:
         """The subclass's part of a checkpoint."""
         raise NotImplementedError
@@ -174,50 +135,34 @@ class BlockWalk(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Called on every process; process 0 writes the checkpoint, with every process's block inputs."""
         shares = gather_to(0, self.inputs)
-        checkpoint["lqtk"] = {"phase": type(self).__name__, "identity": self.identity(),
-                              "inputs": None if shares is None else torch.cat(shares),
-                              "quantize_time_s": self.quantize_time_s, "rng": torch.random.get_rng_state(),
-                              **self.walk_state()}
+        self.save_phase_state(checkpoint, inputs=None if shares is None else torch.cat(shares),
+                              rng=torch.random.get_rng_state(), **self.walk_state())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checked_state(checkpoint, type(self).__name__, self.identity())
+        state = self.load_phase_state(checkpoint)
         batches, size = self.process_batches(), self.trainer.datamodule.batch_size
         self.inputs = state["inputs"][batches.start * size: batches.stop * size]  # this process's share
-        self.quantize_time_s = state["quantize_time_s"]
         torch.random.set_rng_state(state["rng"])  # for methods that draw random numbers
         self.restore_walk_state(state)
 
 
-def beside_checkpoints(phase: LightningModule, name: str) -> Path:
+def beside_checkpoints(phase: Phase, name: str) -> Path:
     """`name` in the folder of the phase's `checkpoints/`, whose state the files kept there complete (a dry run moves
     both to a temporary folder)."""
     return Path(phase.trainer.checkpoint_callback.dirpath).parent / name
 
 
-def block_file(phase: LightningModule, folder: str, index: int) -> Path:
+def block_file(phase: Phase, folder: str, index: int) -> Path:
     """`<folder>/<block index's prefix>safetensors` beside the phase's checkpoints."""
     return beside_checkpoints(phase, folder) / f"{block_prefix(phase.model, index)}safetensors"
 
 
-def report(phase: LightningModule, status: str) -> None:
+def report(phase: Phase, status: str) -> None:
     """Show `status` of a block-by-block phase (one epoch per block in `phase.blocks`) on its progress bar."""
     phase.status = f"block {phase.current_epoch + 1}/{len(phase.blocks)} {status}"
     bar = phase.trainer.progress_bar_callback
     if isinstance(bar, BlockProgressBar):
         bar.show(phase)
-
-
-def checked_state(checkpoint: dict, phase: str, identity: dict) -> dict:
-    """The phase's part of `checkpoint`, refused unless `phase` wrote it for a run of this `identity()`."""
-    state = checkpoint.get("lqtk")
-    if state is None or state.get("phase", "LayerwiseCalibration") != phase:
-        raise LqtkError(f"this checkpoint was not written by {phase}: pass a checkpoint of this recipe's run, or start "
-                        "afresh without --ckpt_path")
-    if state["identity"] != identity:
-        changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
-        raise LqtkError(f"the checkpoint belongs to another run (different {', '.join(changed)}): resume with the "
-                        "recipe that wrote it, or use another trainer.default_root_dir for this one")
-    return state
 
 
 class BlockProgressBar(RichProgressBar):

@@ -1,16 +1,15 @@
-"""Quantization methods as pure tensor code: no Lightning, no I/O."""
+"""Quantization methods: the producers of `lqtk.formats`, as pure tensor code (no Lightning, no I/O). Each is a
+config dataclass whose `quantize` turns a weight and its calibration Hessian into a `QuantizedWeight` of the format
+it declares (`format`)."""
 
-from lqtk.quant.activations import ActivationQuantizedFormat, AgileQuant
-from lqtk.quant.affine import AffineFormat, AffineQuantizer
-from lqtk.quant.aqlm import AQLM, AQLMFormat
-from lqtk.quant.base import FORMATS, HessianAccumulator, QuantizedWeight, WeightFormat, WeightQuantizer
+from lqtk.quant.affine import AffineQuantizer
+from lqtk.quant.agile_quant import AgileQuant
+from lqtk.quant.aqlm import AQLM
+from lqtk.quant.base import HessianAccumulator, WeightQuantizer
 from lqtk.quant.gptq import GPTQ
-from lqtk.quant.incoherence import IncoherentFormat, QuIP
-from lqtk.quant.leanquant import LeanQuant, LUTFormat
+from lqtk.quant.leanquant import LeanQuant
+from lqtk.quant.quip import QuIP
 from lqtk.quant.rtn import RTN
 
-__all__ = [
-    "AQLM", "ActivationQuantizedFormat", "AgileQuant", "FORMATS", "GPTQ", "RTN", "AQLMFormat", "AffineFormat",
-    "AffineQuantizer", "IncoherentFormat",
-    "LUTFormat", "LeanQuant", "QuIP", "QuantizedWeight", "WeightFormat", "WeightQuantizer", "HessianAccumulator",
-]
+__all__ = ["AQLM", "AffineQuantizer", "AgileQuant", "GPTQ", "HessianAccumulator", "LeanQuant", "QuIP", "RTN",
+           "WeightQuantizer"]

@@ -1,67 +1,22 @@
-"""The `affine` storage format (integer codes, per-group scale and zero point) and the config shared by the
-scalar methods that produce it (RTN, GPTQ)."""
+"""The config shared by the scalar methods that write the `affine` format (RTN, GPTQ): bits, groups, the observer."""
 
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from lqtk.quant.base import QuantizedWeight, WeightFormat, WeightQuantizer, largest_gains, register_format
-from lqtk.quant.primitives import (
-    check_scheme,
-    decode_by_rows,
-    minmax_qparams,
-    mse_qparams,
-    pack_bits,
-    quantize_affine,
-    unpack_bits,
-)
-
-
-@register_format
-class AffineFormat(WeightFormat):
-    """w[o, i] = (q[o, i] - zero[o, g(i)]) · scale[o, g(i)],  g(i) = i // group_size.
-
-    tensors: `qweight` int32 (O, ceil(I·b/32)), codes packed densely along the input dim;
-             `scales` fp16 (O, G); `zeros` int32 (O, ceil(G·b/32)) packed zero points, asymmetric only
-             (symmetric zero points are 2^(b-1) and not stored).
-    spec: bits, group_size (null = one group per row), symmetric, shape [O, I]."""
-
-    name = "affine"
-
-    def dequantize(self, tensors: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
-        def decode(rows):
-            q = unpack_bits(rows["qweight"], spec["bits"], spec["shape"][1])
-            scale, zero = self.per_weight(rows, spec, q)
-            return (q - zero) * scale
-        return decode_by_rows(decode, tensors, spec["shape"])
-
-    def nearest_codes(self, tensors, spec, target, max_change, beam_size):
-        """Each weight's nearest grid point is found by rounding; the weights whose change gains most are taken."""
-        bits, (_, in_features) = spec["bits"], spec["shape"]
-        q = unpack_bits(tensors["qweight"], bits, in_features)
-        scale, zero = self.per_weight(tensors, spec, q)
-        current = (q - zero) * scale
-        proposed = torch.clamp(torch.round(target / scale) + zero, 0, 2**bits - 1)
-        gain = (current - target).square() - ((proposed - zero) * scale - target).square()
-        q = torch.where(largest_gains(gain, max_change), proposed.to(q.dtype), q)
-        return {name: t for name, t in tensors.items() if not t.is_floating_point()} | {"qweight": pack_bits(q, bits)}
-
-    def per_weight(self, tensors, spec, q):
-        """Scale and zero point of every weight (O, I)."""
-        bits, (_, in_features) = spec["bits"], spec["shape"]
-        scales = tensors["scales"].float()
-        if "zeros" in tensors:
-            zeros = unpack_bits(tensors["zeros"], bits, scales.shape[1])
-        else:
-            zeros = torch.full_like(scales, 2 ** (bits - 1))
-        group = torch.arange(in_features, device=q.device) // (spec["group_size"] or in_features)
-        return scales[:, group], zeros[:, group]
+from lqtk.formats import AffineFormat, QuantizedWeight
+from lqtk.formats.affine import quantize_affine
+from lqtk.formats.packing import pack_bits
+from lqtk.quant.base import WeightQuantizer
+from lqtk.quant.primitives import check_scheme, minmax_qparams, mse_qparams
 
 
 @dataclass
 class AffineQuantizer(WeightQuantizer):
     """Integer grid per group of input columns (config shared by RTN and GPTQ)."""
+
+    format = AffineFormat.name
 
     bits: int = 4
     """Bits per weight code: 2, 3, 4 or 8."""

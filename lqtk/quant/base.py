@@ -1,84 +1,15 @@
-"""The interface every quantization method implements, and the container its result lives in.
+"""The interface every quantization method implements, and the Hessian it calibrates on.
 
 A method is a `WeightQuantizer`: a config object whose `quantize(weight, hessian)` turns a dense (O, I) weight and
-the calibration Hessian H = XᵀX of its inputs into a `QuantizedWeight`. A `QuantizedWeight` is a general container:
-named tensors plus a JSON-able `spec` that tells its storage `format` how to turn them back into a dense weight (or
-how to run the matmul directly). New methods add a format with `register_format` and need no change elsewhere.
+the calibration Hessian H = XᵀX of its inputs into a `QuantizedWeight` of the storage format it declares
+(`format`, a name in `lqtk.formats.FORMATS`). A new method with a new format adds the format to `lqtk.formats`.
 """
 
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from lqtk.errors import LqtkError
-from lqtk.kernels.dispatch import kernel_linear
-
-
-class WeightFormat:
-    """How a stored weight is decoded. Subclasses set `name` and implement `dequantize`; `linear` may be
-    overridden by formats that transform activations too (incoherence processing, activation quantization)."""
-
-    name: str
-
-    def dequantize(self, tensors: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
-        raise NotImplementedError
-
-    def linear(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], spec: dict, bias: torch.Tensor | None,
-               cache: Callable[[str, Callable], object] | None = None) -> torch.Tensor:
-        """x Ŵᵀ + b: by a kernel reading the stored tensors where one applies (lqtk.kernels.dispatch), else by
-        decoding Ŵ. `cache(name, decode)`, the layer's, returns decode()'s result kept under `name` while its tensors
-        do not change (calibration and evaluation run many batches through a frozen layer); formats that wrap
-        another pass it on to the inner format's `linear`."""
-        y = kernel_linear(self.name, x, tensors, spec, cache)
-        if y is not None:
-            return y if bias is None else y + bias
-        decode = functools.partial(self.dequantize, tensors, spec)
-        return F.linear(x, (cache("weight", decode) if cache else decode()).to(x.dtype), bias)
-
-    def nearest_codes(self, tensors: dict[str, torch.Tensor], spec: dict, target: torch.Tensor, max_change: float,
-                      beam_size: int) -> dict[str, torch.Tensor]:
-        """All integer tensors, re-chosen with the floating ones fixed to bring the decoded weight nearer to the
-        dense `target` in squared error, changing at most a `max_change` fraction of the code units (PV-tuning's V
-        step). Formats without a code search leave this out."""
-        raise NotImplementedError
-
-
-def largest_gains(gain: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mask of the positive entries of `gain` among its ceil(fraction · numel) largest."""
-    count = min(gain.numel(), max(1, int(fraction * gain.numel() + 0.999999)))
-    threshold = gain.flatten().topk(count).values[-1]
-    return (gain >= threshold) & (gain > 0)
-
-
-FORMATS: dict[str, WeightFormat] = {}
-
-
-def register_format(cls: type[WeightFormat]) -> type[WeightFormat]:
-    FORMATS[cls.name] = cls()
-    return cls
-
-
-@dataclass
-class QuantizedWeight:
-    """A quantized (O, I) weight: `tensors` decoded by `FORMATS[format]` with `spec`; `method` made it. `history`
-    holds what an iterative method wants reported (e.g. its objective per round); it is not part of the export."""
-
-    method: str
-    format: str
-    spec: dict
-    tensors: dict[str, torch.Tensor]
-    history: dict[str, list[float]] = field(default_factory=dict)
-
-    def dequantize(self) -> torch.Tensor:
-        return FORMATS[self.format].dequantize(self.tensors, self.spec)
-
-
-def storage_bits(tensors: dict[str, torch.Tensor]) -> int:
-    """Bits it takes to store these tensors as they are (packed codes, scales, zeros, codebooks)."""
-    return sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+from lqtk.formats import QuantizedWeight
 
 
 class WeightQuantizer:
@@ -86,6 +17,8 @@ class WeightQuantizer:
 
     #: whether `quantize` needs the calibration Hessian (RTN does not; the phase then skips collecting it)
     needs_hessian: bool = True
+    #: the storage format its `QuantizedWeight`s are in (a name in lqtk.formats.FORMATS)
+    format: str
     #: how many rows of a layer's calibration inputs `quantize_shared` wants besides H (activation quantization
     #: calibrates on them); 0: none are kept
     input_sample_rows: int = 0
@@ -188,8 +121,3 @@ class HessianAccumulator:
             upper.add_(node)
         upper.triu_().div_(self.count)
         return upper.add_(upper.triu(1).T)  # mirrored in place: 3 (features x features) tensors at the peak, not 4
-
-
-def check_finite(weight: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(weight).all():
-        raise LqtkError(f"{name} has NaN/Inf weights: the model is corrupt or was saved after a diverged run")

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from lqtk.errors import LqtkError
+from lqtk.formats import QuantizedWeight
 from lqtk.quant.affine import AffineQuantizer
-from lqtk.quant.base import QuantizedWeight
 from lqtk.quant.primitives import group_starts
 
 

@@ -19,38 +19,10 @@ from typing import Literal
 import torch
 
 from lqtk.errors import LqtkError
-from lqtk.quant.base import QuantizedWeight, WeightFormat, largest_gains, register_format
+from lqtk.formats import LUTFormat, QuantizedWeight
+from lqtk.formats.lut import nearest_level
+from lqtk.formats.packing import pack_bits
 from lqtk.quant.gptq import GPTQ
-from lqtk.quant.primitives import decode_by_rows, pack_bits, unpack_bits
-
-
-@register_format
-class LUTFormat(WeightFormat):
-    """w[o, i] = levels[o, q[o, i]].
-
-    tensors: `qweight` int32 (O, ceil(I·b/32)) packed codes; `levels` fp16 (O, 2^b), each row's table, ascending.
-    spec: bits, shape [O, I]."""
-
-    name = "lut"
-
-    def dequantize(self, tensors, spec):
-        return decode_by_rows(lambda rows: rows["levels"].float().gather(
-            1, unpack_bits(rows["qweight"], spec["bits"], spec["shape"][1])), tensors, spec["shape"])
-
-    def nearest_codes(self, tensors, spec, target, max_change, beam_size):
-        """Each weight's nearest level of its row; the weights whose change gains most are taken."""
-        levels = tensors["levels"].float()
-        q = unpack_bits(tensors["qweight"], spec["bits"], spec["shape"][1])
-        proposed = nearest_level(target, levels)
-        gain = (levels.gather(1, q) - target).square() - (levels.gather(1, proposed) - target).square()
-        q = torch.where(largest_gains(gain, max_change), proposed, q)
-        return {"qweight": pack_bits(q, spec["bits"])}
-
-
-def nearest_level(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index (O, n) of the nearest of each row's ascending `levels` (O, K) for the weights `w` (O, n)."""
-    midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
-    return torch.searchsorted(midpoints.contiguous(), w.contiguous())
 
 
 def weighted_kmeans(w: torch.Tensor, weight: torch.Tensor, levels: int, iters: int = 100) -> torch.Tensor:
@@ -99,6 +71,10 @@ class LeanQuant(GPTQ):
         if self.grid == "nonuniform" and self.group_size is not None:
             raise LqtkError(f"LeanQuant's nonuniform grid is one table per row: set group_size null "
                             f"(not {self.group_size})")
+
+    @property
+    def format(self) -> str:
+        return LUTFormat.name if self.grid == "nonuniform" else super().format
 
     def column_importance(self, hessian, inverse_cholesky):
         d = inverse_cholesky.diagonal()

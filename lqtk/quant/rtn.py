@@ -4,9 +4,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lqtk.formats import QuantizedWeight
+from lqtk.formats.affine import quantize_affine
 from lqtk.quant.affine import AffineQuantizer
-from lqtk.quant.base import QuantizedWeight
-from lqtk.quant.primitives import group_starts, quantize_affine
+from lqtk.quant.primitives import group_starts
 
 
 @dataclass

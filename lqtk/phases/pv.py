@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lqtk.errors import LqtkError
-from lqtk.quant.base import FORMATS, WeightFormat
+from lqtk.formats import FORMATS, WeightFormat
+from lqtk.nn import quantized_layers
 
 
 @dataclass
@@ -48,8 +49,6 @@ class StraightThroughCodes:
     """The V step's state for every quantized layer of `model`: gradient accumulators, targets, Adam moments."""
 
     def __init__(self, model: nn.Module, config: PVTuning):
-        from lqtk.nn import quantized_layers
-
         self.config, self.layers = config, quantized_layers(model)
         for name, layer in self.layers.items():
             if type(FORMATS[layer.format]).nearest_codes is WeightFormat.nearest_codes:

@@ -13,9 +13,10 @@
                         instead, as transformers writes them
     tokenizer files     copied from the source model
 
-`load_quantized` rebuilds the model on the meta device with `QuantizedLinear`s in place of those Linears and loads
-its tensors (those of the decoder blocks only when they run, if lazy); `lqtk.models.load_causal_lm` calls it for any
-folder whose quant_method is "lqtk"."""
+`load_quantized` rebuilds the model on the meta device with `QuantizedLinear`s in place of those Linears
+(`install_quantized_layers`, which transformers' loader uses too: lqtk.transformers_quantizer) and loads its tensors
+(those of the decoder blocks only when they run, if lazy); `lqtk.models.load_causal_lm` calls it for any folder whose
+quant_method is "lqtk"."""
 
 from dataclasses import asdict
 from pathlib import Path
@@ -24,18 +25,12 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from lqtk.errors import LqtkError
+from lqtk.formats import storage_bits
 from lqtk.moe import unfuse_experts
 from lqtk.nn import quantized_layers, set_submodule
-from lqtk.quant.base import storage_bits
-from lqtk.streaming import (
-    SHARD_BYTES,
-    WeightFiles,
-    empty_model,
-    meta_quantized_linear,
-    open_streamed,
-    save_sharded,
-)
+from lqtk.streaming import empty_model, meta_quantized_linear, open_streamed, save_sharded
 from lqtk.token_pruning import TokenPruning
+from lqtk.weights import SHARD_BYTES, WeightFiles
 
 FORMAT_VERSION = 1
 
@@ -69,9 +64,18 @@ def load_quantized(path: Path, config: PretrainedConfig, dtype: torch.dtype, laz
         files = WeightFiles(path)
     except LqtkError as err:
         raise LqtkError(f"{err}; the export is incomplete: export the model again") from err
-    model = unfuse_experts(empty_model(config, dtype))  # the structure it was saved in
-    for name, layer in quant["layers"].items():
-        set_submodule(model, name, meta_quantized_linear(files, name, layer))
-    if "token_pruning" in quant:
-        model.lqtk_token_pruning = TokenPruning(**quant["token_pruning"])
+    model = install_quantized_layers(empty_model(config, dtype), files, quant["layers"], quant.get("token_pruning"))
     return open_streamed(model, files, lazy, strict=True)
+
+
+def install_quantized_layers(model: PreTrainedModel, files: WeightFiles, layers: dict,
+                             token_pruning: dict | None) -> PreTrainedModel:
+    """Give the skeleton `model` the structure its export was saved in: one Linear per MoE expert, and a
+    `QuantizedLinear` on the meta device for every entry of `layers` (name: `layer_config()`), with the tensors
+    `files` store for it; the token pruning it runs with, if any."""
+    unfuse_experts(model)
+    for name, layer in layers.items():
+        set_submodule(model, name, meta_quantized_linear(files, name, layer))
+    if token_pruning:
+        model.lqtk_token_pruning = TokenPruning(**token_pruning)
+    return model

@@ -24,40 +24,16 @@ from dataclasses import dataclass, field
 import torch
 
 from lqtk.errors import LqtkError
-from lqtk.kernels.dispatch import kernel_linear
-from lqtk.quant.base import FORMATS, QuantizedWeight, WeightFormat, WeightQuantizer, register_format
+from lqtk.formats import ActivationQuantizedFormat, QuantizedWeight
+from lqtk.formats.act_quant import fake_quantize_input
+from lqtk.quant.base import WeightQuantizer
 from lqtk.quant.gptq import GPTQ
-from lqtk.quant.primitives import fake_quantize, quantize_affine, range_qparams
-
-
-def token_qparams(x: torch.Tensor, bits: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (..., 1) of each token (row along the last dim) of x: the affine grid of the token's range
-    including 0, times `clip` (`range_qparams`, one group per token)."""
-    return range_qparams(x.amin(-1, keepdim=True) * clip, x.amax(-1, keepdim=True) * clip, bits, symmetric=False)
-
-
-def quantize_tokens(x: torch.Tensor, bits: int, clip: float = 1.0):
-    """Codes (uint8 values in fp32), scales and zero points of per-token quantization."""
-    scale, zero = token_qparams(x, bits, clip)
-    return quantize_affine(x, scale, zero, bits), scale, zero
-
-
-def fake_quantize_tokens(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
-    return fake_quantize(x, *token_qparams(x, bits, clip), bits)
 
 
 def trip_exponents(channel_max: torch.Tensor, threshold: float, max_exponent: int) -> torch.Tensor:
     """α_j = ceil(log2(max_j / τ)) for the channels above τ, else 0, at most `max_exponent` (int8, (I,))."""
     ratio = (channel_max / threshold).clamp(min=1)
     return torch.ceil(torch.log2(ratio)).clamp(max=max_exponent).to(torch.int8)
-
-
-def fake_quantize_input(x: torch.Tensor, bits: int, clip: float, exponents: torch.Tensor | None) -> torch.Tensor:
-    """x̂ = 2^α ⊙ Q_t(x ⊘ 2^α) (α = 0 without TRIP), in x's dtype."""
-    if exponents is None:
-        return fake_quantize_tokens(x.float(), bits, clip).to(x.dtype)
-    factors = torch.exp2(exponents.float())
-    return (fake_quantize_tokens(x.float() / factors, bits, clip) * factors).to(x.dtype)
 
 
 def output_error(weight: torch.Tensor):
@@ -85,35 +61,11 @@ def calibrate_inputs(inputs: torch.Tensor, weight: torch.Tensor, bits: int, clip
     return best[1], best[2]
 
 
-@register_format
-class ActivationQuantizedFormat(WeightFormat):
-    """An inner format's weight whose layer quantizes its input per token at run time (TRIP factors optional).
-
-    tensors: the inner format's, plus `input_exponents` int8 (I,) α of TRIP (absent without TRIP).
-    spec: inner_format, inner (the inner format's spec), shape [O, I], act_bits, clip."""
-
-    name = "act_quant"
-
-    def dequantize(self, tensors, spec):
-        return FORMATS[spec["inner_format"]].dequantize(self._inner(tensors), spec["inner"])
-
-    def linear(self, x, tensors, spec, bias, cache=None):
-        """In integers where a kernel runs (8-bit inputs over affine 4-bit weights on the CPU: lqtk.kernels.int_gemm),
-        else the fake-quantized input through the inner format (the same result up to fp32 rounding)."""
-        y = kernel_linear(self.name, x, tensors, spec, cache)
-        if y is not None:
-            return y if bias is None else y + bias
-        x = fake_quantize_input(x, spec["act_bits"], spec["clip"], tensors.get("input_exponents"))
-        return FORMATS[spec["inner_format"]].linear(x, self._inner(tensors), spec["inner"], bias, cache)
-
-    @staticmethod
-    def _inner(tensors):
-        return {key: t for key, t in tensors.items() if key != "input_exponents"}
-
-
 @dataclass
 class AgileQuant(WeightQuantizer):
     """Weights by `inner`, inputs per token to `bits` bits with a calibrated clipping ratio and optional TRIP."""
+
+    format = ActivationQuantizedFormat.name
 
     inner: WeightQuantizer = field(default_factory=lambda: GPTQ(bits=4, group_size=128))
     """The weight method (GPTQ w4g128 in the paper)."""
