@@ -87,6 +87,7 @@ def test_settings_that_do_not_fit_the_layer_are_refused():
         AQLM(num_codebooks=0)
 
 
+@pytest.mark.slow  # its second half is a CLI walk of aqlm-tiny (4 to 24 s here, with other jobs running)
 def test_a_diverging_adam_stops_with_a_message_naming_the_layer(corpus, tmp_path, capsys):
     w, h, _ = correlated_problem()
     with pytest.raises(LqtkError, match="objective became .* during Adam .*: lower `lr`"):
