@@ -172,6 +172,8 @@ class ExportQuantized(Callback):
                 reloaded = self.write_verified(model, tokenizer, Path(tmp), folder, trainer)
                 if folder == "model":
                     metrics = self._metrics(pl_module, reloaded, trainer)
+                    for name, content in pl_module.export_files().items():
+                        (Path(tmp) / folder / name).write_text(json.dumps(content, indent=2) + "\n")
             for folder in self.writers:  # every export verified: put them in place
                 if (self.dirpath / folder).exists():  # only reached with overwrite: setup refused otherwise
                     shutil.rmtree(self.dirpath / folder)

@@ -7,6 +7,8 @@ checkpoint is framed here, once: `checkpoint["lqtk"] = {phase, identity, quantiz
 unless this phase wrote it for a run of the same identity.
 """
 
+import dataclasses
+
 import torch
 from lightning import LightningModule
 
@@ -45,6 +47,11 @@ class Phase(LightningModule):
         """What must match for a checkpoint to be resumed by this run."""
         raise NotImplementedError
 
+    def export_files(self) -> dict[str, dict]:
+        """JSON files the lqtk export (`model/`) carries beside its weights for the phases chained after it
+        ({file name: content}); none by default."""
+        return {}
+
     def phase_time_s(self) -> float:
         """`quantize_time_s` up to now (a phase still timing a stretch of work adds it)."""
         return self.quantize_time_s
@@ -60,6 +67,14 @@ class Phase(LightningModule):
         state = checked_state(checkpoint, type(self).__name__, self.identity())
         self.quantize_time_s = state["quantize_time_s"]
         return state
+
+
+def described(quantizer: WeightQuantizer) -> dict:
+    """`quantizer` as a recipe names it ({class_path, init_args}, nested quantizers too): jsonargparse rebuilds it."""
+    def value(v):
+        return described(v) if isinstance(v, WeightQuantizer) else v
+    return {"class_path": f"{type(quantizer).__module__}.{type(quantizer).__qualname__}",
+            "init_args": {f.name: value(getattr(quantizer, f.name)) for f in dataclasses.fields(quantizer)}}
 
 
 def checked_state(checkpoint: dict, phase: str, identity: dict) -> dict:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from jsonargparse import ArgumentParser
 from safetensors import safe_open
 
@@ -33,7 +32,7 @@ from lqtk.formats import storage_bits
 from lqtk.models import load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers, set_submodule
 from lqtk.nn.quantized_linear import quantized_linear_from_config
-from lqtk.phases.base import Phase
+from lqtk.phases.base import Phase, described
 from lqtk.phases.hessian_cache import group_files, load_group
 from lqtk.phases.layerwise import LayerwiseCalibration
 from lqtk.phases.walk import BlockCheckpoint, BlockProgressBar, block_file, report
@@ -41,6 +40,9 @@ from lqtk.quant.allocation import allocate, output_error, output_fisher
 from lqtk.quant.base import WeightQuantizer
 from lqtk.streaming import materialize, release, save_block
 from lqtk.weights import save_file_atomically
+
+ALLOCATION_FILE = "allocation.json"
+"""In a Requantize run's export: its candidates, budget and each layer's choice (read by MixedCalibration)."""
 
 
 class Requantize(Phase):
@@ -204,6 +206,12 @@ class Requantize(Phase):
     def fp_reference(self) -> tuple[torch.nn.Module, str]:
         return self.fp_model, self.fp_model_path
 
+    def export_files(self) -> dict[str, dict]:
+        """`allocation.json`: what MixedCalibration, chained after this run, quantizes each layer with."""
+        return {ALLOCATION_FILE: {"fp_model": str(self.fp_model_path), "budget_bits": self.budget_bits,
+                                  "candidates": [described(q) for q in self.candidates],
+                                  "allocation": self.allocation}}
+
     def phase_metrics(self) -> dict:
         counts = [0] * len(self.candidates)
         for c in (self.allocation or {}).values():
@@ -251,23 +259,22 @@ class MixedCalibration(LayerwiseCalibration):
         self.allocated_by, self.budget_bits = model, None
 
     def setup(self, stage: str) -> None:
-        run = resolve_model(self.allocated_by).parent
+        file = resolve_model(self.allocated_by) / ALLOCATION_FILE
         try:
-            recipe = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
-            metrics = json.loads((run / "metrics.json").read_text())
-            self.budget_bits, allocation = metrics["budget_bits"], metrics["allocation"]
+            allocation = json.loads(file.read_text())
             parser = ArgumentParser()
             parser.add_argument("--candidates", type=list[WeightQuantizer])
-            candidates = parser.instantiate_classes(parser.parse_object({"candidates": recipe["candidates"]}))
+            candidates = parser.instantiate_classes(parser.parse_object({"candidates": allocation["candidates"]}))
+            self.budget_bits = allocation["budget_bits"]
         except (OSError, KeyError, TypeError) as err:
-            raise LqtkError(f"{self.allocated_by} is not the export of a finished Requantize run (no {err} in its run "
-                            "folder): chain MixedCalibration after a Requantize recipe with budget_bits") from err
+            raise LqtkError(f"{self.allocated_by} is not the export of a finished Requantize run (no {err}): chain "
+                            "MixedCalibration after a Requantize recipe with budget_bits") from err
         if self.budget_bits is None:
             raise LqtkError(f"{self.allocated_by} comes from a Requantize run without budget_bits, which allocates "
                             "nothing: chain MixedCalibration after a mixed-precision recipe")
         candidates = candidates.candidates
-        self.model_path, self.quantizer = recipe["fp_model"], candidates[0]
-        self.layer_quantizers = {f"^{re.escape(name)}$": candidates[c] for name, c in allocation.items()}
+        self.model_path, self.quantizer = allocation["fp_model"], candidates[0]
+        self.layer_quantizers = {f"^{re.escape(name)}$": candidates[c] for name, c in allocation["allocation"].items()}
         super().setup(stage)
 
     def phase_metrics(self) -> dict:
