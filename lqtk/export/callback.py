@@ -120,7 +120,9 @@ class ExportQuantized(Callback):
     def on_fit_start(self, trainer, pl_module: Phase) -> None:
         # refused now rather than after the whole phase: by the method a calibration phase applies, else by the
         # layers of the model a phase tunes
-        formats = None if pl_module.quantizer else {m.format for m in quantized_layers(pl_module.model).values()}
+        checked = self.serving_formats or "model-hf-aqlm" in self.writers
+        formats = None if pl_module.quantizer or not checked else {
+            m.format for m in quantized_layers(pl_module.model).values()}
         if "model-hf-aqlm" in self.writers:
             is_aqlm = pl_module.quantizer.format == AQLMFormat.name if pl_module.quantizer else formats == {"aqlm"}
             if not is_aqlm:
