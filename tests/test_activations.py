@@ -95,7 +95,8 @@ def test_w4a8_walk_with_token_pruning_exports_reloads_and_evaluates(corpus, tmp_
     export records its token pruning, so `lqtk evaluate` scores the same positions as the phase's evaluation."""
     run_dir = tmp_path / "run"
     proc = run_lqtk(*recipe_args(corpus, run_dir, "--trainer.enable_progress_bar", "false",
-                                 "--export.token_pruning.start_layer", "1", "--export.token_pruning.keep_ratio", "0.5",
+                                 "--model.init_args.token_pruning.start_layer", "1",
+                                 "--model.init_args.token_pruning.keep_ratio", "0.5",
                                  recipe=RECIPE), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

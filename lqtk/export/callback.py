@@ -45,7 +45,6 @@ from lqtk.nn import quantized_layers
 from lqtk.phases.base import Phase
 from lqtk.phases.walk import BlockWalk
 from lqtk.streaming import load_outside_blocks, materialize_all, release_outside_blocks, to_device, weight_files
-from lqtk.token_pruning import TokenPruning
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +65,6 @@ class ExportQuantized(Callback):
             logits of magnitude ~30), while a layout error would be off by O(1).
         max_shard_mb: Largest shard of the lqtk export in MiB: a larger model is written as shards with an index, as
             transformers writes them (the export holds one shard and one block at a time).
-        token_pruning: Prune tokens during prefill (lqtk.token_pruning): the export records it, and its evaluation
-            (here and by `lqtk evaluate`) scores each window at the kept positions only.
         serving_formats: Also write the model in these serving formats, beside `model/`: "compressed-tensors"
             (`model-compressed-tensors/`, pack-quantized: vLLM, transformers + compressed-tensors) and "gptq"
             (`model-gptq/`, the GPTQ v1 checkpoint: transformers + optimum + gptqmodel, vLLM). Affine models only
@@ -76,8 +73,8 @@ class ExportQuantized(Callback):
 
     def __init__(self, dirpath: str, overwrite: bool = False, evaluate: bool = True, verify_windows: int = 2,
                  atol: float = 1e-4, hf_aqlm: bool = False, hf_atol: float = 1e-2, max_shard_mb: int = 128,
-                 token_pruning: TokenPruning | None = None, serving_formats: list[str] | None = None):
-        self.dirpath, self.token_pruning = Path(dirpath), token_pruning
+                 serving_formats: list[str] | None = None):
+        self.dirpath = Path(dirpath)
         self.overwrite, self.evaluate, self.verify_windows = overwrite, evaluate, verify_windows
         self.serving_formats = list(dict.fromkeys(serving_formats or []))
         unknown = sorted(set(self.serving_formats) - set(SERVING_FORMATS))
@@ -166,7 +163,6 @@ class ExportQuantized(Callback):
             return
         if not quantized_layers(model):
             raise LqtkError("the phase produced no quantized layer: check the recipe's `skip` list")
-        model.lqtk_token_pruning = self.token_pruning  # recorded by the export, applied by its evaluation
         self.dirpath.mkdir(parents=True, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(pl_module.model_path))
         with tempfile.TemporaryDirectory(dir=self.dirpath, prefix=".export-") as tmp:

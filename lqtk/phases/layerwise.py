@@ -66,6 +66,7 @@ from lqtk.streaming import (
     save_block,
     weight_files,
 )
+from lqtk.token_pruning import TokenPruning
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -99,19 +100,23 @@ class LayerwiseCalibration(BlockWalk):
         save_hessians: Keep each group's Hessian (and input sample) in the run folder's `hessians/`
             (lqtk.phases.hessian_cache), for re-quantizing its layers later without running the model
             (`lqtk.phases.Requantize`: other bits, groups or methods, or a mixed-precision allocation).
+        token_pruning: Prune tokens during prefill (lqtk.token_pruning), a property of the quantized model at run
+            time: the export records it, and its evaluation (by the export and `lqtk evaluate`) scores each window at
+            the kept positions only. Calibration itself sees every token.
     """
 
     def __init__(self, model: str, quantizer: WeightQuantizer, sequential: bool = True, skip: list[str] | None = None,
                  block_tuning: BlockTuning | None = None, fallback_below: float = 0.005, replay: bool = True,
                  compute_dtype: Literal["float32", "bfloat16"] = "float32", activations_on_disk: bool = False,
-                 save_hessians: bool = False, layer_quantizers: dict[str, WeightQuantizer] | None = None):
+                 save_hessians: bool = False, layer_quantizers: dict[str, WeightQuantizer] | None = None,
+                 token_pruning: TokenPruning | None = None):
         super().__init__()
         self.model_path, self.quantizer, self.sequential = model, quantizer, sequential
         self.skip = tuple(ROUTER_LINEARS if skip is None else skip)
         self.block_tuning, self.fallback_below, self.replay = block_tuning, fallback_below, replay
         self.compute_dtype = getattr(torch, compute_dtype)
         self.activations_on_disk, self.save_hessians = activations_on_disk, save_hessians
-        self.layer_quantizers = dict(layer_quantizers or {})
+        self.layer_quantizers, self.token_pruning = dict(layer_quantizers or {}), token_pruning
         if save_hessians and not self.needs_hessian:
             raise LqtkError(f"save_hessians is set but {type(quantizer).__name__} takes no Hessian, so none is "
                             "collected: set save_hessians false, or calibrate with a method that takes one (GPTQ)")
@@ -208,6 +213,7 @@ class LayerwiseCalibration(BlockWalk):
 
     def exported_model(self) -> torch.nn.Module:
         load_outside_blocks(self.model)
+        self.model.lqtk_token_pruning = self.token_pruning
         return self.model
 
     def on_train_epoch_start(self) -> None:
