@@ -1,4 +1,5 @@
-"""`lqtk`: a thin command line over LightningCLI (phases), the runs of several phases (lqtk.runs) and two utilities.
+"""`lqtk`: a thin command line over LightningCLI (phases, lqtk.fit), the runs of several phases (lqtk.runs) and
+utilities. Each command imports what it needs when it runs: `lqtk --help` answers without loading torch.
 
     lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml [--ckpt_path last] [--overwrite true]
     lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml --dry_run true [--dry_run_output FILE.json]
@@ -6,6 +7,7 @@
     lqtk sweep configs/smollm2-135m/gptq-w4g128.yaml A.yaml+B.yaml --root DIR [--tasks next_line] [ARGS]
     lqtk prepare-model [smollm2-135m | tiny-llama | tiny-qwen2 | tiny-gemma3 | tiny-phi3 | tiny-qwen2-moe]
     lqtk evaluate --model DIR [--text FILE ...] [--tasks next_line last_word] --output FILE.json
+    lqtk generate --model DIR --prompt TEXT [--max-new-tokens N]
 """
 
 import argparse
@@ -16,75 +18,19 @@ import time
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
-from transformers import AutoTokenizer
-
-from lqtk.data import TextDataModule, default_split
-from lqtk.dry_run import DryRun
 from lqtk.errors import LqtkError
-from lqtk.evaluate import EVAL_BATCH_SIZE, perplexity
-from lqtk.export import ExportQuantized
-from lqtk.model_format import bits_per_weight
-from lqtk.models import load_causal_lm, prepare_model, resolve_model
-from lqtk.phases.processes import BlockWalkStrategy
-from lqtk.reference_models import REFERENCE_MODELS
-from lqtk.runs import run_chain, run_sweep
-from lqtk.zero_shot import TASKS as ZERO_SHOT_TASKS
-from lqtk.zero_shot import zero_shot
 
 
-class LqtkCLI(LightningCLI):
-    """Phases come from the recipe (`model: {class_path: lqtk.phases.LayerwiseCalibration, init_args: ...}`); the
-    data module reads the phase's model for its tokenizer, and the export goes to the trainer's root folder."""
+def fit_command(args: list[str]) -> None:
+    from lqtk.fit import fit
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ExportQuantized, "export")
-        parser.add_argument("--overwrite", type=bool, default=False, help="Replace a finished export in the run.")
-        parser.link_arguments("model.init_args.model", "data.tokenizer")
-        parser.link_arguments("trainer.default_root_dir", "export.dirpath")
-        parser.link_arguments("overwrite", "export.overwrite")
-        parser.add_argument("--dry_run", type=bool, default=False, help="Run block 0 only and print estimates of the "
-                            "whole run's time, peak memory and disk; nothing is written into the run folder.")
-        parser.add_argument("--dry_run_output", type=str | None, default=None,
-                            help="With --dry_run: also write the estimates and measurements to this JSON file.")
-        # lqtk's data module deals the windows out to the processes itself (process_batches, GlobalBatches)
-        parser.set_defaults({"trainer.use_distributed_sampler": False})
-
-    def before_instantiate_classes(self) -> None:
-        """Several processes for LayerwiseCalibration: Lightning's auto choice, DDP, would wrap the phase in
-        DistributedDataParallel, which a walk without gradients cannot have; it gets `block_walk` instead."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer, phase = config.trainer, config.model.class_path
-        several = trainer.num_nodes > 1 or str(trainer.devices) not in ("1", "[0]")
-        if trainer.strategy == "auto" and phase.endswith(".LayerwiseCalibration") and several:
-            trainer.strategy = BlockWalkStrategy.strategy_name
-
-    def instantiate_trainer(self, **kwargs):
-        if not self._get(self.config_init, "dry_run"):
-            return super().instantiate_trainer(**kwargs)
-        if self._get(self.config_init, "ckpt_path") is not None:
-            raise LqtkError("the dry run estimates a run from its start: drop --ckpt_path (or --dry_run)")
-        self.save_config_callback = None  # a dry run writes nothing into the run folder: no config.yaml, no log
-        trainer = super().instantiate_trainer(**kwargs, logger=False)
-        if trainer.world_size > 1:
-            raise LqtkError("the dry run measures one process: run it with trainer.devices 1 and trainer.num_nodes 1")
-        export = next(callback for callback in trainer.callbacks if isinstance(callback, ExportQuantized))
-        trainer.callbacks.remove(export)
-        trainer.callbacks.append(DryRun(export, self._get(self.config_init, "dry_run_output")))
-        return trainer
-
-
-def fit(args: list[str] | None) -> None:
-    LqtkCLI(
-        datamodule_class=TextDataModule,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config.yaml
-        auto_configure_optimizers=False,
-        args=args,
-    )
+    fit(args)
 
 
 def prepare_model_command(args: list[str]) -> None:
+    from lqtk.models import prepare_model
+    from lqtk.reference_models import REFERENCE_MODELS
+
     parser = argparse.ArgumentParser(prog="lqtk prepare-model", description="Build a reference model in the cache "
                                      "folder as a plain HF directory (safetensors + tokenizer); prints its path last.")
     parser.add_argument("name", nargs="?", default="smollm2-135m", choices=sorted(REFERENCE_MODELS))
@@ -92,6 +38,14 @@ def prepare_model_command(args: list[str]) -> None:
 
 
 def evaluate_command(args: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    from lqtk.data import TextDataModule, default_split
+    from lqtk.evaluate import EVAL_BATCH_SIZE, perplexity
+    from lqtk.model_format import bits_per_weight
+    from lqtk.models import load_causal_lm, resolve_model
+    from lqtk.zero_shot import zero_shot
+
     parser = argparse.ArgumentParser(prog="lqtk evaluate", description="Perplexity (text joined, tokenized once, "
                                      "non-overlapping windows, no BOS) and zero-shot accuracy (--tasks) of an fp or "
                                      "lqtk-quantized model.")
@@ -127,11 +81,15 @@ def evaluate_command(args: list[str]) -> None:
 
 
 def add_zero_shot_arguments(parser: argparse.ArgumentParser, tasks_help: str) -> None:
+    from lqtk.zero_shot import TASKS as ZERO_SHOT_TASKS
+
     parser.add_argument("--tasks", nargs="+", choices=ZERO_SHOT_TASKS, default=[], help=tasks_help)
     parser.add_argument("--task-items", type=int, default=200, help="Items per zero-shot task.")
 
 
 def chain_command(args: list[str]) -> None:
+    from lqtk.runs import run_chain
+
     parser = argparse.ArgumentParser(
         prog="lqtk chain", description="Run phases one after another (e.g. calibrate, then fine-tune), each phase's "
         "model being the previous phase's export. Finished phases (metrics.json written) are skipped and an "
@@ -145,6 +103,8 @@ def chain_command(args: list[str]) -> None:
 
 
 def sweep_command(args: list[str]) -> None:
+    from lqtk.runs import run_sweep
+
     parser = argparse.ArgumentParser(
         prog="lqtk sweep", description="Run several recipes on one model and corpus, each in ROOT/<name>, and gather "
         "their metrics.json into ROOT/sweep.json, with a table (report.md) and a Pareto plot (pareto.png). An entry "
@@ -161,8 +121,14 @@ def sweep_command(args: list[str]) -> None:
     run_sweep(chains, Path(opts.root), opts.report_dir and Path(opts.report_dir), shared, opts.tasks, opts.task_items)
 
 
-COMMANDS = {"prepare-model": prepare_model_command, "evaluate": evaluate_command, "chain": chain_command,
-            "sweep": sweep_command}
+def generate_command(args: list[str]) -> None:
+    from lqtk.generate import generate_command
+
+    generate_command(args)
+
+
+COMMANDS = {"fit": fit_command, "chain": chain_command, "sweep": sweep_command, "prepare-model": prepare_model_command,
+            "evaluate": evaluate_command, "generate": generate_command}
 USAGE = """usage: lqtk <command> [options]
 
 commands:
@@ -171,9 +137,10 @@ commands:
   sweep          run several recipes (or chains) on one model and gather their metrics
   prepare-model  build a reference model (smollm2-135m, tiny-llama, tiny-<arch>) into the cache folder
   evaluate       perplexity and zero-shot accuracy of an fp or lqtk-quantized model
+  generate       generate text from an fp or lqtk-quantized model, with tokens/s
 
-`lqtk <command> --help` lists a command's options; a stopped `fit` continues with --ckpt_path last,
-a stopped `chain` or `sweep` with the same command again."""
+`lqtk <command> --help` lists a command's options; the recipes under configs/ explain theirs in comments.
+A stopped `fit` continues with --ckpt_path last, a stopped `chain` or `sweep` with the same command again."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,13 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         sys.exit(0 if words else 2)
     try:
-        if words[0] in COMMANDS:
-            COMMANDS[words[0]](words[1:])
-        elif words[0] == "fit":
-            fit(argv)
-        else:
-            raise LqtkError(f"unknown command {words[0]!r}: use one of fit, {', '.join(COMMANDS)} (lqtk --help); "
+        if words[0] not in COMMANDS:
+            raise LqtkError(f"unknown command {words[0]!r}: use one of {', '.join(COMMANDS)} (lqtk --help); "
                             "phases only fit, and `lqtk evaluate` measures perplexity")
+        COMMANDS[words[0]](words[1:])
     except Exception as err:
         cause = user_error(err)
         if cause is None:

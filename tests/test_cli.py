@@ -134,7 +134,7 @@ def test_help_lists_every_command_and_only_those(capsys):
     # one line per command, its name indented by two spaces (a description going on would be indented deeper)
     assert all(line.startswith("  ") for line in section.splitlines()), section
     listed = [line.split()[0] for line in section.splitlines() if not line.startswith("   ")]
-    assert sorted(listed) == sorted(["fit", *COMMANDS]), section  # what main() dispatches: fit, then COMMANDS
+    assert sorted(listed) == sorted(COMMANDS), section  # what main() dispatches
     assert not any(word in out for word in ("validate", "predict"))
 
 

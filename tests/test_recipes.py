@@ -11,8 +11,8 @@ from lightning import LightningModule
 import lqtk.phases
 import lqtk.quant
 from helpers import REPO
-from lqtk.cli import LqtkCLI
 from lqtk.data import TextDataModule
+from lqtk.fit import LqtkCLI
 from lqtk.phases import BlockFinetune, KLDistillation, LayerwiseCalibration, MixedCalibration, Requantize
 from lqtk.quant import AgileQuant, WeightQuantizer
 
