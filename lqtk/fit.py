@@ -90,13 +90,14 @@ def fit(args: list[str]) -> None:
             save_config_callback=SaveRecipe,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config.yaml
             auto_configure_optimizers=False,
-            parser_kwargs=parsing | {"fit": parsing | {"description": help_description()}},
+            parser_kwargs=parsing | {"fit": parsing | {"description": help_description(), "usage": USAGE}},
             args=["fit", *args],
         )
     except ArgumentError as err:
         raise LqtkError(recipe_error(str(err))) from None
 
 
+USAGE = "lqtk fit --config RECIPE.yaml [--ckpt_path last] [--overwrite true] [--dry_run true] [--KEY VALUE ...]"
 STRUCTURE = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "- Problem with given class_path",
              "Problem with given class_path", "Given value", "- Expected a <class 'NoneType'>")
 
