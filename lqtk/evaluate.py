@@ -4,17 +4,23 @@ scored independently with no context carried over; each window's first token is 
 
 import hashlib
 import json
+import time
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 from torchmetrics.text import Perplexity
 
+from lqtk.anatomy import decoder_blocks
+from lqtk.console import Progress, clock, say
 from lqtk.forward import final_hidden_states
 from lqtk.models import cache_dir
 from lqtk.token_pruning import PruningRun
 
 EVAL_BATCH_SIZE = 2  # windows per forward
 LOGIT_POSITIONS = 256  # positions whose logits exist at once: 256 x a 262k vocabulary is 268 MB in fp32
+PROGRESS_EVERY_S = 30  # at most one progress line per so many seconds while an evaluation runs
 
 
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -56,13 +62,35 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     metric = Perplexity(sync_on_compute=False)  # one process's windows, also inside a multi-process run
     config = getattr(model, "lqtk_token_pruning", None)
     pruning = None if config is None else PruningRun(config)
-    targets, scored = windows[:, 1:].split(batch_size), 0
-    for batch, start, logits in streamed_logits(model, windows[:, :-1], batch_size, pruning):  # the last is context
-        target = targets[batch] if pruning is None else targets[batch].gather(1, pruning.positions[batch])
-        target = target[:, start:start + logits.shape[1]]
-        metric.update(logits.cpu(), target)
-        scored += target.numel()
-    return metric.compute().item(), scored
+    targets, scored, start_time = windows[:, 1:].split(batch_size), 0, time.monotonic()
+    with block_progress(model, f"perplexity of {len(windows)} windows: block"):
+        for batch, start, logits in streamed_logits(model, windows[:, :-1], batch_size, pruning):  # last: context
+            target = targets[batch] if pruning is None else targets[batch].gather(1, pruning.positions[batch])
+            target = target[:, start:start + logits.shape[1]]
+            metric.update(logits.cpu(), target)
+            scored += target.numel()
+    ppl = metric.compute().item()
+    say(f"perplexity of {len(windows)} windows: {ppl:.4g} ({clock(time.monotonic() - start_time)})")
+    return ppl, scored
+
+
+@contextmanager
+def block_progress(model: torch.nn.Module, what: str):
+    """Plain progress lines (lqtk.console) while the blocks run one after another over all windows
+    (`final_hidden_states`): at most one per PROGRESS_EVERY_S, with the blocks done and the ETA."""
+    blocks = decoder_blocks(model)
+    progress = Progress(what, len(blocks), every_s=PROGRESS_EVERY_S)
+
+    def starts(index: int, block: torch.nn.Module, args) -> None:
+        if "forward" not in block.__dict__ and index > progress.done:  # not a stand-in (lqtk.forward.stand_ins)
+            progress.update(index)
+
+    hooks = [block.register_forward_pre_hook(partial(starts, index)) for index, block in enumerate(blocks)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def fp_perplexity(model: torch.nn.Module, model_dir: Path, windows: torch.Tensor, batch_size: int) -> float:

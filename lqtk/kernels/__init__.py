@@ -3,9 +3,12 @@ their C++ extensions."""
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
+
+from lqtk.console import clock, say
 
 # not -march=native: the same code on every x86 machine with AVX2. -fopenmp: at::parallel_for is inlined into the
 # extension and runs its loop on one thread unless the extension itself is compiled with OpenMP.
@@ -36,8 +39,17 @@ def build_extension(name: str, source: Path):
     # different extension in the same folder would then import a module that was never built
     folder = build_directory() / name
     folder.mkdir(parents=True, exist_ok=True)
+    built = folder / f"{name}.so"  # ninja rebuilds it when the source is newer
+    compiling = not built.exists() or built.stat().st_mtime < source.stat().st_mtime
+    if compiling:
+        say(f"compiling the C++ kernels {name} (once, on first use: a minute or more on a few cores)")
+    start = time.monotonic()
     try:
-        return load(name, [str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                    build_directory=str(folder)), None
+        module = load(name, [str(source)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                      build_directory=str(folder))
     except Exception as error:  # a missing compiler, a compile error: the layers run their dense or float path
+        say(f"the C++ kernels {name} could not be built ({type(error).__name__}): the layers compute without them")
         return None, f"{type(error).__name__}: {error}"
+    if compiling:
+        say(f"compiled {name} in {clock(time.monotonic() - start)}")
+    return module, None

@@ -46,6 +46,8 @@ class BlockFinetune(BlockWalk):
         tuning: Adam, steps and early stopping of each block.
     """
 
+    progress_label = "fine-tune"
+
     def __init__(self, model: str, fp_model: str, tuning: BlockTuning | None = None):
         super().__init__()
         self.model_path, self.fp_model_path = model, fp_model

@@ -35,7 +35,7 @@ from lqtk.nn.quantized_linear import quantized_linear_from_config
 from lqtk.phases.base import Phase, described
 from lqtk.phases.hessian_cache import group_files, load_group
 from lqtk.phases.layerwise import LayerwiseCalibration
-from lqtk.phases.walk import BlockCheckpoint, BlockProgressBar, block_file, report
+from lqtk.phases.walk import BlockCheckpoint, BlockProgressBar, block_file, progress_bars, report
 from lqtk.quant.allocation import allocate, output_error, output_fisher
 from lqtk.quant.base import WeightQuantizer
 from lqtk.streaming import materialize, release, save_block
@@ -62,6 +62,8 @@ class Requantize(Phase):
             (one forward and backward of the whole fp model, which must fit in memory); 0: unweighted.
     """
 
+    progress_label = "requantize"
+
     def __init__(self, model: str, fp_model: str, candidates: list[WeightQuantizer], budget_bits: float | None = None,
                  layers: list[str] | None = None, hessians: str | None = None, sensitivity_windows: int = 16):
         super().__init__()
@@ -82,7 +84,7 @@ class Requantize(Phase):
         return None
 
     def configure_callbacks(self):
-        return [BlockProgressBar(), BlockCheckpoint()]
+        return [*progress_bars(self, BlockProgressBar), BlockCheckpoint()]
 
     # --- set-up -------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
+from lqtk import console
 from lqtk.anatomy import block_output, block_prefix
 from lqtk.data import process_batches
 from lqtk.forward import block_inputs
@@ -29,6 +30,8 @@ class BlockWalk(Phase):
     """Base of the block-by-block phases. Subclasses set `self.model` and `self.blocks` in `setup`, do a block's
     work in the epoch hooks, and add their own state with `walk_state` / `restore_walk_state`."""
 
+    progress_label = "calibrate"  # what the progress lines call the walk
+
     def __init__(self):
         super().__init__()
         self.inputs: torch.Tensor | None = None  # (N, T, D) inputs of the current block (this process's), on the CPU
@@ -41,7 +44,7 @@ class BlockWalk(Phase):
         return None
 
     def configure_callbacks(self):
-        return [BlockProgressBar(), BlockCheckpoint()]
+        return [*progress_bars(self, BlockProgressBar), BlockCheckpoint()]
 
     def process_batches(self) -> range:
         """Indices (among all calibration batches) of the batches this process calibrates on."""
@@ -165,13 +168,64 @@ def report(phase: Phase, status: str) -> None:
         bar.show(phase)
 
 
-class BlockProgressBar(RichProgressBar):
-    """Lightning's (rich) progress bar, described by what the phase is doing (block k/n, the current Linears) and
-    the time left for the whole walk, extrapolated from the blocks finished in this run."""
+def progress_bars(phase: Phase, bar: type[RichProgressBar]) -> list[RichProgressBar]:
+    """[bar()] in place of Lightning's rich bar; none with trainer.enable_progress_bar false (or another bar)."""
+    return [bar()] if isinstance(phase.trainer.progress_bar_callback, RichProgressBar) else []
+
+
+def epochs(trainer) -> int | None:
+    """How many epochs the fit runs, where max_steps or max_epochs bound it (-1: unbounded)."""
+    batches, max_epochs = trainer.num_training_batches, trainer.max_epochs
+    by_epochs = max_epochs if max_epochs is not None and max_epochs > 0 else None
+    if trainer.max_steps > 0 and 0 < batches < float("inf"):
+        by_steps = -(-trainer.max_steps // int(batches))
+        return by_steps if by_epochs is None else min(by_steps, by_epochs)
+    return by_epochs
+
+
+class PhaseProgressBar(RichProgressBar):
+    """Lightning's rich bar on a terminal (`lqtk.console.terminal`), numbering epochs from 1 of their real count;
+    where the output is a file or a pipe, no bar (no control sequences) but plain lines, which subclasses print
+    when `self.plain`. Only process 0 shows either."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # disables the bar on the other processes
+        self.plain = self.is_enabled and not console.terminal()
+        if self.plain:
+            self.disable()
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        total = epochs(self.trainer)
+        description = f"Epoch {current_epoch + 1}" + (f"/{total}" if total else "")
+        return f"{description:{len(self.validation_description)}}"
+
+
+class BlockProgressBar(PhaseProgressBar):
+    """On a terminal, the rich bar described by what the phase is doing (block k/n, the current Linears) and the
+    time left for the whole walk, extrapolated from the blocks finished in this run. Elsewhere one line per block:
+    `calibrate block 3/30 · done in 0:13 · 0:41 elapsed, ETA 5:52`."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self.walk_start, self.first_block = time.perf_counter(), trainer.current_epoch
+        self.lines = console.Progress(f"{getattr(pl_module, 'progress_label', 'walk')} block", len(pl_module.blocks),
+                                      done=self.first_block)
+        self.block_start = self.walk_start
+
+    def block_done(self, trainer) -> None:
+        """A line for the block just finished (epoch hooks of callbacks run before the phase's own)."""
+        if self.plain and trainer.current_epoch > self.lines.done:
+            now = time.perf_counter()
+            self.lines.update(trainer.current_epoch, f"done in {console.clock(now - self.block_start)}")
+            self.block_start = now
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self.block_done(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.block_done(trainer)
 
     def show(self, pl_module) -> None:
         if self.progress is None or self.train_progress_bar_id is None:
