@@ -137,12 +137,13 @@ def import_path(path: str):
 
 def help_description() -> str:
     """What `lqtk fit --help` says first: where a phase's and a quantizer's own options are."""
+    phase_names = [name for name in phases.__all__ if issubclass(getattr(phases, name), phases.base.Phase)]
     quantizers = [name for name in quant.__all__ if isinstance(cls := getattr(quant, name), type)
                   and issubclass(cls, quant.WeightQuantizer) and cls.quantize is not quant.WeightQuantizer.quantize]
     return ("Run one phase of a recipe: calibrate (quantize), fine-tune, distill or re-quantize a model. "
             "A recipe (configs/*/*.yaml) explains each of its options in comments; any option can be overridden "
             "here, e.g. --model.init_args.quantizer.init_args.bits 3. "
-            f"Phases (--model): {', '.join(phases.__all__)}; their options: lqtk fit --model.help "
+            f"Phases (--model): {', '.join(phase_names)}; their options: lqtk fit --model.help "
             "lqtk.phases.LayerwiseCalibration. "
             f"Quantizers (--model.init_args.quantizer): {', '.join(quantizers)}; their options: lqtk fit "
             "--config RECIPE.yaml --model.init_args.quantizer.help lqtk.quant.GPTQ. "
