@@ -15,9 +15,9 @@ import json
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
+from lqtk.console import quiet
 from lqtk.errors import LqtkError
 
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point; `argv` None reads the command line."""
     words = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`")  # phases need no optimizer
+    quiet()
     if not words or words[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if words else 2)

@@ -4,7 +4,6 @@ export in `export:`, Lightning's Trainer in `trainer:`)."""
 import importlib
 import inspect
 import re
-import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentError
@@ -42,7 +41,8 @@ class LqtkCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer, phase = config.trainer, config.model.class_path
         checkpoints = Path(trainer.default_root_dir or ".") / "checkpoints"
-        if config.get("ckpt_path") == "last" and not any(checkpoints.glob("last*.ckpt")):
+        resuming = config.get("ckpt_path") == "last" and not config.get("dry_run")  # a dry run refuses any
+        if resuming and not any(checkpoints.glob("last*.ckpt")):
             raise LqtkError(f"--ckpt_path last: there is no checkpoint in {checkpoints}: pass the run folder of the "
                             "stopped run as trainer.default_root_dir, or start afresh without --ckpt_path")
         several = trainer.num_nodes > 1 or str(trainer.devices) not in ("1", "[0]")
@@ -80,8 +80,6 @@ def fit(args: list[str]) -> None:
     if not {"--config", "-c", "-h", "--help", "--print_config"} & {arg.split("=")[0] for arg in args}:
         raise LqtkError("lqtk fit runs a recipe: pass --config RECIPE.yaml (e.g. configs/debug/gptq-tiny.yaml; "
                         "every recipe under configs/ explains its options in comments)")
-    # the command line's own words, as args: Lightning's warning about both is moot here
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     parsing = {"exit_on_error": False}  # a recipe's error is raised, and told in one line by `recipe_error`
     try:
         LqtkCLI(

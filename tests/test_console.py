@@ -4,7 +4,6 @@ of the libraries' lines that do not apply to lqtk (lqtk.console.quiet)."""
 import json
 import re
 import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -20,16 +19,14 @@ NOISE = ("GPU available", "TPU available", "💡 Tip", "will override existing c
 
 @pytest.fixture(scope="module")
 def logged_run(corpus, tmp_path_factory):
-    """The debug recipe (no evaluation) with stdout and stderr in one file. quiet() is called as lqtk.cli's main
-    will call it."""
-    from helpers import recipe_args
+    """The debug recipe (no evaluation), run by the `lqtk` command with stdout and stderr in one file."""
+    from helpers import LQTK, recipe_args
 
     run_dir = tmp_path_factory.mktemp("logged") / "run"
     args = recipe_args(corpus, run_dir, "--export.evaluate", "false")
-    code = f"import lqtk.console; lqtk.console.quiet(); from lqtk.cli import main; main({args!r})"
     log = run_dir.parent / "run.log"
     with log.open("w") as out:
-        proc = subprocess.run([sys.executable, "-c", code], cwd=run_dir.parent, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.run([*LQTK, *args], cwd=run_dir.parent, stdout=out, stderr=subprocess.STDOUT,
                               timeout=600)
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
