@@ -70,6 +70,19 @@ def test_tuning_an_fp_block_or_diverging_is_refused(tiny):
         tune_block(block, batches, BlockTuning(validation_batches=4), 0)
 
 
+def test_tuning_that_changes_nothing_says_so(tiny, caplog):
+    """lr so high that every step overshoots: early stopping keeps the starting tensors, and a warning says so."""
+    model = load_causal_lm(tiny).requires_grad_(False)
+    block = decoder_blocks(model)[0]
+    batches = block_batches(model, block)
+    quantize_block(block)
+    start = {name: t.clone() for name, t in block.state_dict().items()}
+    result = tune_block(block, batches, BlockTuning(lr=10.0, max_steps=4, eval_every=1, patience=2), 0, "block 0")
+    assert result["error_after"] == result["error_before"]
+    assert all(torch.equal(t, start[name]) for name, t in block.state_dict().items())
+    assert "block 0: fine-tuning changed nothing" in caplog.text and "lower lr (now 10)" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def chain_run(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")

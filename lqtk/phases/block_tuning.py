@@ -6,6 +6,7 @@ its norms, while integer codes stay frozen. One function, two callers: `BlockFin
 calibration) and `LayerwiseCalibration` (`block_tuning`: each block tuned before its outputs feed the next).
 """
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from torch import nn
 from lqtk.anatomy import block_output
 from lqtk.errors import LqtkError
 from lqtk.nn import QuantizedLinear
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,7 +101,12 @@ def tune_block(block: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor,
         for p, kept, dtype in zip(params, best_state, dtypes):
             p.requires_grad_(False)
             p.data = kept.to(dtype)
-    return {"error_before": before, "error_after": held_out_error(block, held_out), "steps": step}
+    after = held_out_error(block, held_out)
+    if after >= before:  # early stopping kept the starting tensors: say so, a phase must not change nothing quietly
+        log.warning("%s: fine-tuning changed nothing: the held-out error (%.3g) did not fall in %d steps, so the "
+                    "block is kept as it was; a lower lr (now %g) or more calibration windows may help", name, before,
+                    step, tuning.lr)
+    return {"error_before": before, "error_after": after, "steps": step}
 
 
 @torch.no_grad()
