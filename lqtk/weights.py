@@ -2,10 +2,11 @@
 transformers does, and atomic saves (a killed run leaves no file that looks complete)."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lqtk.errors import LqtkError
@@ -16,6 +17,18 @@ SHARD_BYTES = 128 * 2**20  # shard size limit of the export: at most this much o
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+
+
+@contextmanager
+def open_weights(file: Path):
+    """`safe_open(file)`, a file that is not a readable safetensors file (truncated, garbage) refused by name."""
+    try:
+        f = safe_open(file, "pt")
+    except (SafetensorError, OSError) as err:
+        raise LqtkError(f"{file} is not a readable safetensors file ({err}): the model folder is truncated or corrupt "
+                        "(an interrupted copy or download?); re-create it or point to another one") from err
+    with f:
+        yield f
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:
@@ -34,12 +47,22 @@ class WeightFiles:
         self.views: dict[str, list[tuple[str, int | None]]] = {}  # name -> the stored tensors (or rows) it joins
         index = self.folder / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise LqtkError(f"{index} is not a shard index (no weight_map: {err!r}): the model folder is corrupt; "
+                                "re-create it or point to another one") from err
             self.files = {name: self.folder / file for name, file in weight_map.items()}
             missing = sorted({str(file) for file in self.files.values() if not file.is_file()})
             if missing:
                 raise LqtkError(f"{index} lists shards that do not exist ({missing[:3]}): the folder is "
                                 "incomplete; re-create it")
+            for shard in sorted(set(self.files.values())):  # every shard's header read now, not when its block runs
+                with open_weights(shard) as f:
+                    absent = sorted({name for name, file in self.files.items() if file == shard} - set(f.keys()))
+                    if absent:
+                        raise LqtkError(f"{index} places {absent[0]} in {shard.name}, which does not hold it: the "
+                                        "folder is corrupt; re-create it")
         elif (self.folder / WEIGHTS_NAME).is_file():
             self.add(self.folder / WEIGHTS_NAME)
         else:
@@ -47,7 +70,7 @@ class WeightFiles:
                             "incomplete; re-create it or point to another one")
 
     def add(self, file: Path) -> None:
-        with safe_open(file, "pt") as f:
+        with open_weights(file) as f:
             self.files.update(dict.fromkeys(f.keys(), Path(file)))
 
     def add_views(self, views: dict[str, list[tuple[str, int | None]]]) -> None:
@@ -68,14 +91,14 @@ class WeightFiles:
         for name in names:
             parts = []
             for stored, row in self.views.get(name, [(name, None)]):
-                with safe_open(self.files[stored], "pt") as f:
+                with open_weights(self.files[stored]) as f:
                     parts.append(f.get_tensor(stored) if row is None else f.get_slice(stored)[row:row + 1][0])
             tensors[name] = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
         return tensors
 
     def meta(self, name: str) -> torch.Tensor:
         """An empty tensor of `name`'s shape and dtype, from the file header."""
-        with safe_open(self.files[name], "pt") as f:
+        with open_weights(self.files[name]) as f:
             info = f.get_slice(name)
             return torch.empty(info.get_shape(), dtype=_DTYPES[info.get_dtype()], device="meta")
 
@@ -84,7 +107,7 @@ class WeightFiles:
         for name, file in self.files.items():
             if name in self.views:  # made of stored tensors, which are checked themselves
                 continue
-            with safe_open(file, "pt") as f:  # checked in the mapping: no copy
+            with open_weights(file) as f:  # checked in the mapping: no copy
                 tensor = f.get_tensor(name)
                 if tensor.is_floating_point():
                     check_finite(tensor, f"{self.folder}: tensor {name}")

@@ -40,7 +40,7 @@ from typing import Literal
 
 import torch
 
-from lqtk.anatomy import decoder_blocks, linear_layers
+from lqtk.anatomy import check_linear_layers, decoder_blocks, linear_layers
 from lqtk.errors import LqtkError
 from lqtk.formats import QuantizedWeight
 from lqtk.forward import StopForward
@@ -139,6 +139,7 @@ class LayerwiseCalibration(BlockWalk):
         # Kept out of the module tree: Lightning must neither move the whole model to the device (blocks go one at
         # a time) nor checkpoint the fp weights. Streamed: only the tensors outside the blocks are loaded here.
         model = load_causal_lm(self.model_path, lazy=True).requires_grad_(False)  # block_tuning unfreezes its own
+        check_linear_layers(model)
         self.__dict__.update(model=model, blocks=decoder_blocks(model))
         for i, block in enumerate(self.blocks):
             for name, linear in self._linears(block).items():
