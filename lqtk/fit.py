@@ -3,11 +3,13 @@ export in `export:`, Lightning's Trainer in `trainer:`)."""
 
 import importlib
 import inspect
+import os
 import re
 from pathlib import Path
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lqtk import phases, quant
 from lqtk.data import TextDataModule
@@ -41,6 +43,8 @@ class LqtkCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer, phase = config.trainer, config.model.class_path
         checkpoints = Path(trainer.default_root_dir or ".") / "checkpoints"
+        if not config.get("dry_run"):  # a dry run writes nothing there
+            check_run_folder(checkpoints.parent)
         resuming = config.get("ckpt_path") == "last" and not config.get("dry_run")  # a dry run refuses any
         if resuming and not any(checkpoints.glob("last*.ckpt")):
             raise LqtkError(f"--ckpt_path last: there is no checkpoint in {checkpoints}: pass the run folder of the "
@@ -93,6 +97,20 @@ def fit(args: list[str]) -> None:
         )
     except ArgumentError as err:
         raise LqtkError(recipe_error(str(err))) from None
+    except SIGTERMException as err:  # Lightning's stop at the end of the batch under way: SystemExit, exit code 0
+        raise LqtkError("stopped by SIGTERM at the end of a batch (the blocks finished before it are in the run's "
+                        "checkpoints/last.ckpt); resume with --ckpt_path last") from err
+
+
+def check_run_folder(folder: Path) -> None:
+    """Refuse, before any work, a run folder that cannot be created or written (checked without writing there)."""
+    existing = next(path for path in [folder, *folder.parents] if path.exists())
+    if not existing.is_dir():
+        raise LqtkError(f"the run folder {folder} cannot be created, {existing} is a file: choose another "
+                        "trainer.default_root_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LqtkError(f"the run folder {folder} is not writable ({existing} is read-only to this user): choose "
+                        f"another trainer.default_root_dir, or make it writable (chmod u+w {existing})")
 
 
 USAGE = "lqtk fit --config RECIPE.yaml [--ckpt_path last] [--overwrite true] [--dry_run true] [--KEY VALUE ...]"
