@@ -203,7 +203,9 @@ class TextDataModule(LightningDataModule):
                 ("num_calibration_windows", num_calibration_windows, 1, "e.g. 128"),
                 ("batch_size", batch_size, 1, "windows per forward pass, e.g. 8"),
                 ("global_batch_size", 1 if global_batch_size is None else global_batch_size, 1,
-                 "windows per optimizer step, or null")):
+                 "windows per optimizer step, or null"),
+                ("max_evaluation_windows", 1 if max_evaluation_windows is None else max_evaluation_windows, 1,
+                 "evaluation windows, or null for all")):
             if value < least:
                 raise LqtkError(f"data.{name}={value} must be at least {least}: give a positive count ({example})")
         self.save_hyperparameters()

@@ -264,6 +264,8 @@ CASES = [
     pytest.param(fit("--data.batch_size", "0", says=("data.batch_size=0",)), id="batch-size-0"),
     pytest.param(fit("--data.global_batch_size", "-8", says=("data.global_batch_size=-8",)),
                  id="global-batch-size-negative"),
+    pytest.param(fit("--data.max_evaluation_windows", "0", says=("data.max_evaluation_windows=0",)),
+                 id="max-evaluation-windows-0"),
     # the run folder
     pytest.param(fit(says=("trainer.default_root_dir",), prepare=read_only, run="read-only/run"),
                  id="read-only-run-folder", marks=pytest.mark.skipif(AS_ROOT, reason="chmod does not bind root")),
