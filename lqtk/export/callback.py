@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 from lqtk.disk import check_disk_space, disk_needs
 from lqtk.errors import LqtkError
 from lqtk.evaluate import EVAL_BATCH_SIZE, fp_perplexity, perplexity, streamed_logits
+from lqtk.export.gguf import GGUF_NAME, export_gguf, with_gguf_embedding
 from lqtk.export.hf_aqlm import save_hf_aqlm
 from lqtk.export.serving import (
     SERVING_FORMATS,
@@ -39,6 +40,7 @@ from lqtk.export.serving import (
     serving_folder,
 )
 from lqtk.formats import AQLMFormat
+from lqtk.gguf_file import load_gguf
 from lqtk.model_format import bits_per_weight, save_quantized
 from lqtk.models import load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers
@@ -69,14 +71,19 @@ class ExportQuantized(Callback):
             (`model-compressed-tensors/`, pack-quantized: vLLM, transformers + compressed-tensors) and "gptq"
             (`model-gptq/`, the GPTQ v1 checkpoint: transformers + optimum + gptqmodel, vLLM). Affine models only
             (RTN, GPTQ, LeanQuant's affine grid); each is checked to compute the phase's logits within `atol`.
+        gguf: Also write `model.gguf` for llama.cpp (models quantized with lqtk.quant.GGML: their blocks as they
+            are; lqtk.export.gguf), checked through transformers' GGUF loader: its logits must be the export's with
+            the token embedding the GGUF stores (llama.cpp's Q8_0 or Q6_K), within `atol`.
+        gguf_file_type: The llama.cpp file type the GGUF records (e.g. Q4_K_M); default: that of most weights.
     """
 
     def __init__(self, dirpath: str, overwrite: bool = False, evaluate: bool = True, verify_windows: int = 2,
                  atol: float = 1e-4, hf_aqlm: bool = False, hf_atol: float = 1e-2, max_shard_mb: int = 128,
-                 serving_formats: list[str] | None = None):
+                 serving_formats: list[str] | None = None, gguf: bool = False, gguf_file_type: str | None = None):
         self.dirpath = Path(dirpath)
         self.overwrite, self.evaluate, self.verify_windows = overwrite, evaluate, verify_windows
         self.serving_formats = list(dict.fromkeys(serving_formats or []))
+        self.gguf, self.gguf_file_type = gguf, gguf_file_type
         unknown = sorted(set(self.serving_formats) - set(SERVING_FORMATS))
         if unknown:
             raise LqtkError(f"unknown export.serving_formats {unknown}: choose from {sorted(SERVING_FORMATS)}")
@@ -99,9 +106,13 @@ class ExportQuantized(Callback):
     def model_dir(self) -> Path:
         return self.dirpath / "model"
 
+    @property
+    def exports(self) -> list[str]:
+        return [*self.writers, *([GGUF_NAME] if self.gguf else [])]
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.start = time.perf_counter()
-        for folder in self.writers:
+        for folder in self.exports:
             if (self.dirpath / folder).exists() and not self.overwrite:
                 raise LqtkError(f"{self.dirpath / folder} already holds a finished export: choose another output "
                                 "folder (trainer.default_root_dir) or pass --overwrite true to replace it")
@@ -172,10 +183,12 @@ class ExportQuantized(Callback):
                     metrics = self._metrics(pl_module, reloaded, trainer)
                     for name, content in pl_module.export_files().items():
                         (Path(tmp) / folder / name).write_text(json.dumps(content, indent=2) + "\n")
-            for folder in self.writers:  # every export verified: put them in place
-                if (self.dirpath / folder).exists():  # only reached with overwrite: setup refused otherwise
+                    if self.gguf:
+                        self.write_gguf_verified(Path(tmp), trainer)
+            for folder in self.exports:  # every export verified: put them in place
+                if (self.dirpath / folder).is_dir():  # only reached with overwrite: setup refused otherwise
                     shutil.rmtree(self.dirpath / folder)
-                (Path(tmp) / folder).rename(self.dirpath / folder)
+                (Path(tmp) / folder).replace(self.dirpath / folder)
         (self.dirpath / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         per_layer = set(pl_module.phase_metrics())
         print(json.dumps({k: v for k, v in metrics.items() if k not in per_layer}, indent=2))
@@ -199,6 +212,20 @@ class ExportQuantized(Callback):
         self._verify(expected, reloaded, windows, folder, atol)
         shutil.rmtree(expected)
         return reloaded
+
+    def write_gguf_verified(self, root: Path, trainer) -> None:
+        """Write root/model.gguf from the export in root/model and check that transformers' GGUF loader computes the
+        logits of that export with the GGUF's own token embedding."""
+        export_gguf(root / "model", root / GGUF_NAME, file_type=self.gguf_file_type)
+        windows = trainer.datamodule.evaluation_windows()[: self.verify_windows]
+        expected = root / f".{GGUF_NAME}-logits"
+        expected.mkdir()
+        reference = with_gguf_embedding(load_causal_lm(root / "model"), root / GGUF_NAME)
+        for batch, start, logits in streamed_logits(reference, windows):
+            torch.save(logits, expected / f"{batch}-{start}.pt")
+        del reference
+        self._verify(expected, load_gguf(root / GGUF_NAME), windows, GGUF_NAME, self.writers["model"][1])
+        shutil.rmtree(expected)
 
     @torch.no_grad()
     def _verify(self, expected: Path, reloaded, windows: torch.Tensor, folder: str, atol: float) -> None:

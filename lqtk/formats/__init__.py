@@ -6,8 +6,9 @@ from lqtk.formats.act_quant import ActivationQuantizedFormat
 from lqtk.formats.affine import AffineFormat
 from lqtk.formats.aqlm import AQLMFormat
 from lqtk.formats.base import FORMATS, QuantizedWeight, WeightFormat, decoded_matmul, register_format, storage_bits
+from lqtk.formats.ggml import GGMLFormat
 from lqtk.formats.incoherent import IncoherentFormat
 from lqtk.formats.lut import LUTFormat
 
-__all__ = ["AQLMFormat", "ActivationQuantizedFormat", "AffineFormat", "FORMATS", "IncoherentFormat", "LUTFormat",
-           "QuantizedWeight", "WeightFormat", "decoded_matmul", "register_format", "storage_bits"]
+__all__ = ["AQLMFormat", "ActivationQuantizedFormat", "AffineFormat", "FORMATS", "GGMLFormat", "IncoherentFormat",
+           "LUTFormat", "QuantizedWeight", "WeightFormat", "decoded_matmul", "register_format", "storage_bits"]

@@ -6,10 +6,11 @@ from lqtk.quant.affine import AffineQuantizer
 from lqtk.quant.agile_quant import AgileQuant
 from lqtk.quant.aqlm import AQLM
 from lqtk.quant.base import HessianAccumulator, WeightQuantizer
+from lqtk.quant.ggml import GGML
 from lqtk.quant.gptq import GPTQ
 from lqtk.quant.leanquant import LeanQuant
 from lqtk.quant.quip import QuIP
 from lqtk.quant.rtn import RTN
 
-__all__ = ["AQLM", "AffineQuantizer", "AgileQuant", "GPTQ", "HessianAccumulator", "LeanQuant", "QuIP", "RTN",
+__all__ = ["AQLM", "AffineQuantizer", "AgileQuant", "GGML", "GPTQ", "HessianAccumulator", "LeanQuant", "QuIP", "RTN",
            "WeightQuantizer"]

@@ -56,8 +56,8 @@ class AffineQuantizer(WeightQuantizer):
         """The grid of a group `w` (O, n): its scale and zero (O, 1)."""
         return self.qparams(w, importance)
 
-    def round_to_grid(self, column: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes (O,) of a column (O,) on its group's grid, and their values."""
+    def round_to_grid(self, column: torch.Tensor, grid, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (O,) of a column (O,), the `index`-th of its group, on the group's grid, and their values."""
         scale, zero = grid[0][:, 0], grid[1][:, 0]
         q = quantize_affine(column, scale, zero, self.bits)
         return q.long(), (q - zero) * scale

@@ -22,6 +22,7 @@ import torch
 from lqtk.errors import LqtkError
 from lqtk.formats import QuantizedWeight
 from lqtk.quant.affine import AffineQuantizer
+from lqtk.quant.base import WeightQuantizer
 from lqtk.quant.primitives import group_starts
 
 
@@ -51,10 +52,10 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, damp_increment:
 
 
 @dataclass
-class GPTQ(AffineQuantizer):
-    """GPTQ on the affine grid of `AffineQuantizer` (subclasses bring other grids)."""
-
-    method = "gptq"
+class ErrorFeedback(WeightQuantizer):
+    """GPTQ's walk over the columns, on the grid a subclass brings: `column_importance`, `fit_grid`,
+    `round_to_grid` and `pack_grids` (`AffineQuantizer`'s are the reference), and `group_size`, the input columns
+    that share a grid."""
 
     act_order: bool = True
     """Quantize columns by decreasing Hessian diagonal (the most sensitive inputs first)."""
@@ -83,6 +84,13 @@ class GPTQ(AffineQuantizer):
         return quantized
 
 
+@dataclass
+class GPTQ(ErrorFeedback, AffineQuantizer):
+    """GPTQ on the affine grid of `AffineQuantizer` (subclasses bring other grids)."""
+
+    method = "gptq"
+
+
 def grid_rows(grid, rows: slice):
     """The part of a group's grid (a tensor, or a tuple of tensors, with one row per output row) for `rows`."""
     return grid[rows] if isinstance(grid, torch.Tensor) else tuple(t[rows] for t in grid)
@@ -99,7 +107,7 @@ def cpu_threads(count: int):
         torch.set_num_threads(threads)
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: ErrorFeedback):
     """Quantize weight (O, I) given H (I, I) on the config's grid. Returns codes (O, I) and the grid of each group.
     The column loop issues thousands of tiny ops on one thread: with several, their synchronisation costs more than
     the work (10-50x slower when the cores are shared with another process). A group's grid search (whole (O, n)
@@ -109,7 +117,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ):
         return _gptq_loop(weight, hessian, config, threads)
 
 
-def _gptq_loop(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ, grid_threads: int):
+def _gptq_loop(weight: torch.Tensor, hessian: torch.Tensor, config: ErrorFeedback, grid_threads: int):
     out_features, in_features = weight.shape
     diagonal = hessian.diagonal().float()
     dead = diagonal == 0  # inputs that were always zero: any value is exact, make them 0
@@ -124,7 +132,8 @@ def _gptq_loop(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ, grid_t
 
     starts = group_starts(in_features, config.group_size)
     bounds = list(zip(starts, starts[1:] + [in_features]))
-    group_of = (perm // bounds[0][1]).tolist()  # every group but the last is bounds[0][1] wide
+    original = perm.tolist()  # walk position -> original column
+    group_of = [column // bounds[0][1] for column in original]  # every group but the last is bounds[0][1] wide
     grids = [None] * len(bounds)
     codes = torch.zeros(in_features, out_features, dtype=torch.uint8)  # bits <= 8
 
@@ -143,7 +152,7 @@ def _gptq_loop(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ, grid_t
                 group = W[:, cols] - Err1[:i].T @ U[i1:j, cols]
                 with cpu_threads(grid_threads):
                     grids[g] = config.fit_grid(group, importance[start:end])
-            q, value = config.round_to_grid(W1[i], grids[g])
+            q, value = config.round_to_grid(W1[i], grids[g], original[j] - bounds[g][0])
             codes[j] = q
             err = (W1[i] - value) / U[j, j]
             W1[i:] -= U[j, j:i2, None] * err

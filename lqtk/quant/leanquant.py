@@ -85,9 +85,9 @@ class LeanQuant(GPTQ):
             return super().fit_grid(w, importance)
         return weighted_kmeans(w, importance, 2**self.bits, self.kmeans_iters).half().float()
 
-    def round_to_grid(self, column, grid):
+    def round_to_grid(self, column, grid, index):
         if self.grid == "affine":
-            return super().round_to_grid(column, grid)
+            return super().round_to_grid(column, grid, index)
         q = nearest_level(column[:, None], grid)[:, 0]
         return q, grid.gather(1, q[:, None])[:, 0]
 
