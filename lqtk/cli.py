@@ -8,6 +8,7 @@ utilities. Each command imports what it needs when it runs: `lqtk --help` answer
     lqtk prepare-model [smollm2-135m | tiny-llama | tiny-qwen2 | tiny-gemma3 | tiny-phi3 | tiny-qwen2-moe]
     lqtk evaluate --model DIR [--text FILE ...] [--tasks next_line last_word] --output FILE.json
     lqtk generate --model DIR --prompt TEXT [--max-new-tokens N]
+    lqtk export --format gguf --model RUN/model --output F.gguf [--type Q4_K] [--file-type Q4_K_M]
 """
 
 import argparse
@@ -38,18 +39,16 @@ def prepare_model_command(args: list[str]) -> None:
 
 
 def evaluate_command(args: list[str]) -> None:
-    from transformers import AutoTokenizer
-
     from lqtk.data import TextDataModule, default_split
     from lqtk.evaluate import EVAL_BATCH_SIZE, perplexity
     from lqtk.model_format import bits_per_weight
-    from lqtk.models import load_causal_lm, resolve_model
+    from lqtk.models import load_causal_lm, load_tokenizer, resolve_model
     from lqtk.zero_shot import zero_shot
 
     parser = argparse.ArgumentParser(prog="lqtk evaluate", description="Perplexity (text joined, tokenized once, "
                                      "non-overlapping windows, no BOS) and zero-shot accuracy (--tasks) of an fp or "
                                      "lqtk-quantized model.")
-    parser.add_argument("--model", required=True, help="Model folder or reference model name.")
+    parser.add_argument("--model", required=True, help="Model folder, .gguf file or reference model name.")
     parser.add_argument("--text", nargs="+", help="Text files (default: the default corpus's evaluation plays).")
     parser.add_argument("--output", required=True, help="JSON file to write.")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -71,7 +70,7 @@ def evaluate_command(args: list[str]) -> None:
         ppl, tokens = perplexity(model, data.evaluation_windows()[: opts.max_windows], opts.batch_size)
         result.update(perplexity=ppl, tokens=tokens, seq_len=opts.seq_len, bos=opts.bos)
     if opts.tasks:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(opts.model))
+        tokenizer = load_tokenizer(opts.model)
         result.update(zero_shot=zero_shot(model, tokenizer, opts.tasks, text, opts.task_items),
                       task_items=opts.task_items)
     result["eval_time_s"] = time.perf_counter() - start
@@ -127,8 +126,31 @@ def generate_command(args: list[str]) -> None:
     generate_command(args)
 
 
+def export_command(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lqtk export", description="Write a finished lqtk export (or an fp model) as a file for another engine: "
+        "gguf, for llama.cpp (Linears calibrated with lqtk.quant.GGML are written as they are; others are rounded to "
+        "--type).")
+    parser.add_argument("--format", required=True, choices=["gguf"])
+    parser.add_argument("--model", required=True, help="An lqtk export (RUN/model), an fp model folder or a reference "
+                        "model name.")
+    parser.add_argument("--output", required=True, help="The .gguf file to write.")
+    parser.add_argument("--type", help="GGML type (e.g. Q4_K) for Linears not calibrated on a GGML grid: rounded to "
+                        "nearest on its grid.")
+    parser.add_argument("--file-type", help="The llama.cpp file type the file records (e.g. Q4_K_M); default: the "
+                        "type of most weights.")
+    opts = parser.parse_args(args)
+    if not opts.output.endswith(".gguf"):
+        raise LqtkError(f"--output {opts.output} does not end in .gguf: name the GGUF file to write")
+    from lqtk.export.gguf import export_gguf
+    from lqtk.models import resolve_model
+
+    export_gguf(resolve_model(opts.model), Path(opts.output), opts.type, opts.file_type)
+    print(opts.output)
+
+
 COMMANDS = {"fit": fit_command, "chain": chain_command, "sweep": sweep_command, "prepare-model": prepare_model_command,
-            "evaluate": evaluate_command, "generate": generate_command}
+            "evaluate": evaluate_command, "generate": generate_command, "export": export_command}
 USAGE = """usage: lqtk <command> [options]
 
 commands:
@@ -137,7 +159,8 @@ commands:
   sweep          run several recipes (or chains) on one model and gather their metrics
   prepare-model  build a reference model (smollm2-135m, tiny-llama, tiny-<arch>) into the cache folder
   evaluate       perplexity and zero-shot accuracy of an fp or lqtk-quantized model
-  generate       generate text from an fp or lqtk-quantized model, with tokens/s
+  generate       generate text from an fp or lqtk-quantized model (or a .gguf), with tokens/s
+  export         write an export as a file for another engine (--format gguf: llama.cpp)
 
 `lqtk <command> --help` lists a command's options; the recipes under configs/ explain theirs in comments.
 A stopped `fit` continues with --ckpt_path last, a stopped `chain` or `sweep` with the same command again."""

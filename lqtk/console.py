@@ -40,10 +40,12 @@ class _DropLines(logging.Filter):
 
 
 def quiet() -> None:
-    """Switch off the noise: the Lightning lines and warnings above, and the progress bars of `datasets` (a local
-    text file's "Generating train split") and `transformers` ("Loading weights"). Lightning's other lines are printed
-    once, by its own handler (`INFO: ...`), not a second time by a root handler such as the CLI's. Idempotent."""
+    """Switch off the noise: the Lightning lines and warnings above, the `gguf` package's info lines, and the
+    progress bars of `datasets` (a local text file's "Generating train split") and `transformers` ("Loading
+    weights"). Lightning's other lines are printed once, by its own handler (`INFO: ...`), not a second time by a
+    root handler such as the CLI's. Idempotent."""
     logging.getLogger("lightning").propagate = False
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the GGUF writer's file listing, its vocabulary's ids
     for name in _LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLines) for f in logger.filters):

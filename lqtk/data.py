@@ -18,11 +18,10 @@ import torch
 from datasets import load_dataset
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
-from transformers import AutoTokenizer
 
 from lqtk.console import say
 from lqtk.errors import LqtkError
-from lqtk.models import cache_dir, resolve_model
+from lqtk.models import cache_dir, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +229,7 @@ class TextDataModule(LightningDataModule):
         if split not in self._tokens:
             if self.tokenizer is None:
                 raise LqtkError("TextDataModule needs a tokenizer: set --data.tokenizer to the model folder")
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer))
+            tokenizer = load_tokenizer(self.tokenizer)
             say(f"tokenizing the {split} text")
             if self.dataset is not None:
                 hub_split = {"calibration": "train", "evaluation": "test"}[split]

@@ -3,11 +3,11 @@
     lqtk generate --model runs/smollm2-135m/gptq-w4g128/model --prompt "The king said" [--max-new-tokens 64]
     lqtk generate --model smollm2-135m --prompt "Who is Prospero?" --chat --temperature 0.7 --top-p 0.9 --seed 1
 
-The model is any that lqtk loads (`lqtk.models.load_causal_lm`: an lqtk export, an fp HF causal-LM folder, a reference
-model name), so an export runs on lqtk's QuantizedLinear layers and their kernels (lqtk.kernels: the one-token decode
-steps read the stored codes; on the GPU when there is one). Tokens come from transformers' `generate` with its KV
-cache: greedy by default, sampled when --temperature > 0 (nucleus --top-p, seeded by --seed). The last line, on
-stderr, counts the prompt and new tokens and gives the speed, prefill included.
+The model is any that lqtk loads (`lqtk.models.load_causal_lm`: an lqtk export, an fp HF causal-LM folder, a .gguf
+file, a reference model name), so an export runs on lqtk's QuantizedLinear layers and their kernels (lqtk.kernels:
+the one-token decode steps read the stored codes; on the GPU when there is one). Tokens come from transformers'
+`generate` with its KV cache: greedy by default, sampled when --temperature > 0 (nucleus --top-p, seeded by --seed).
+The last line, on stderr, counts the prompt and new tokens and gives the speed, prefill included.
 
 The model loading and generation are imported when the command runs, not with this module, which `lqtk --help` loads
 (this module adds nothing to what `import lqtk` already loads).
@@ -26,7 +26,7 @@ def generate_command(args: list[str]) -> None:
     check_options(opts)
     import torch
 
-    from lqtk.models import load_causal_lm
+    from lqtk.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(opts.model)
     prompt_ids = encode_prompt(tokenizer, opts.prompt, opts.chat)
@@ -71,20 +71,6 @@ def check_options(opts: argparse.Namespace) -> None:
     if not 0 < opts.top_p <= 1:
         raise LqtkError(f"--top-p {opts.top_p} is not in (0, 1]: pass a probability above 0 and at most 1 (1 keeps "
                         "every token)")
-
-
-def load_tokenizer(model: str):
-    """The tokenizer in the model's folder (an export keeps its model's tokenizer)."""
-    from transformers import AutoTokenizer
-
-    from lqtk.models import resolve_model
-
-    path = resolve_model(model)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise LqtkError(f"no usable tokenizer in {path} ({err}): save the model's tokenizer there "
-                        "(tokenizer.save_pretrained(folder))") from err
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool):

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lqtk.errors import LqtkError
+from lqtk.gguf_file import load_gguf, load_gguf_tokenizer
 from lqtk.model_format import base_config_dict, load_quantized
 from lqtk.moe import expert_weight_sources, unfuse_experts
 from lqtk.reference_models import REFERENCE_MODELS
@@ -49,11 +50,19 @@ def prepare_model(name: str) -> Path:
     return out
 
 
+def is_gguf(model: str | Path) -> bool:
+    return str(model).endswith(".gguf")
+
+
 def resolve_model(model: str | Path) -> Path:
-    """A local model directory, or the name of a reference model (prepared on first use)."""
+    """A local model directory or .gguf file, or the name of a reference model (prepared on first use)."""
     if str(model) in REFERENCE_MODELS:
         return prepare_model(str(model))
     path = Path(model).expanduser()
+    if is_gguf(path):
+        if not path.is_file():
+            raise LqtkError(f"GGUF file {path} does not exist: pass an existing .gguf file or a model folder")
+        return path
     if not path.is_dir():
         raise LqtkError(
             f"model directory {path} does not exist: pass a local Hugging Face causal-LM folder "
@@ -67,6 +76,8 @@ def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32, lazy: 
     only the tensors outside the decoder blocks are loaded; blocks are materialized when they run
     (lqtk.streaming)."""
     path = resolve_model(model)
+    if is_gguf(path):
+        return load_gguf(path)  # every tensor dequantized: loaded whole
     config_file = path / "config.json"
     try:
         config_dict = json.loads(config_file.read_text())
@@ -102,6 +113,19 @@ def load_causal_lm(model: str | Path, dtype: torch.dtype = torch.float32, lazy: 
     for name, param in model.named_parameters():
         check_finite(param, f"{path}: parameter {name}")
     return unfuse_experts(model).eval()
+
+
+def load_tokenizer(model: str | Path):
+    """The tokenizer of a model: its folder's (an export keeps its model's), or the one a GGUF file stores."""
+    path = resolve_model(model)
+    try:
+        return load_gguf_tokenizer(path) if is_gguf(path) else AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        if is_gguf(path):
+            raise LqtkError(f"transformers cannot build a tokenizer from {path}'s vocabulary ({one_line(err)}): "
+                            "evaluate or run the lqtk export it was written from") from err
+        raise LqtkError(f"no usable tokenizer in {path} ({one_line(err)}): save the model's tokenizer there "
+                        "(tokenizer.save_pretrained(folder))") from err
 
 
 def check_model_type(config_file: Path, config_dict) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
-from helpers import REPO, correlated_problem, recipe_args
+from helpers import REPO, correlated_problem, fails_with, recipe_args
 from lqtk.cli import main
 from lqtk.errors import LqtkError
 from lqtk.export.gguf import with_gguf_embedding
@@ -143,3 +143,26 @@ def test_a_truncated_gguf_is_refused(gguf_run, tmp_path):
     for name in ("cut.gguf", "text.gguf"):
         with pytest.raises(LqtkError, match="not a complete GGUF"):
             check_gguf(tmp_path / name)
+
+
+def test_export_command_writes_the_run_s_file_and_rounds_fp_models(gguf_run, tmp_path, capsys):
+    """`lqtk export --format gguf` of the run's export is the run's model.gguf byte for byte; an fp model needs
+    --type, and is then rounded on that type's grid (with the fallback for rows it cannot take)."""
+    main(["export", "--format", "gguf", "--model", str(gguf_run / "model"), "--output", str(tmp_path / "a.gguf")])
+    assert (tmp_path / "a.gguf").read_bytes() == (gguf_run / "model.gguf").read_bytes()
+    fp = gguf_run.parent / "fp"
+    fails_with(capsys, ["export", "--format", "gguf", "--model", str(fp), "--output", str(tmp_path / "b.gguf")],
+               "fp Linears")
+    fails_with(capsys, ["export", "--format", "gguf", "--model", str(fp), "--output", str(tmp_path / "b.gguf"),
+                        "--type", "Q9_K"], "unknown GGML type 'Q9_K'")
+    fails_with(capsys, ["export", "--format", "gguf", "--model", str(fp), "--output", str(tmp_path / "b.bin"),
+                        "--type", "Q4_K"], "does not end in .gguf")
+    assert not list(tmp_path.glob("b.*")) and not list(tmp_path.glob(".b*"))  # nothing written, no partial file
+    with pytest.warns(UserWarning, match="Q5_0"):
+        main(["export", "--format", "gguf", "--model", str(fp), "--output", str(tmp_path / "b.gguf"), "--type",
+              "Q4_K"])
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "b.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q4_K" and types["blk.0.attn_q.weight"] == "Q5_0"
+    fp_model = load_causal_lm(fp)
+    down = load_gguf(tmp_path / "b.gguf").model.layers[0].mlp.down_proj.weight
+    assert (down - fp_model.model.layers[0].mlp.down_proj.weight).abs().max() < 0.01  # rounded, not garbage

@@ -1,0 +1,198 @@
+"""lqtk's GGUF files against llama.cpp's own quantization of the same types, judged by llama.cpp's own tools.
+
+    python scripts/compare_llamacpp.py [--types Q4_K_M Q2_K ...] [--json FILE] [--update-docs]
+
+Once, into a cache folder (~/.cache/lqtk/llama.cpp): llama.cpp's tools built from the llama-cpp-python==0.3.36
+sdist, which vendors llama.cpp's full source (cmake and a C++ compiler needed; 15-40 min on 2 cores); the fp model
+converted by llama.cpp's own convert_hf_to_gguf.py; an importance matrix computed by llama-imatrix on the
+calibration plays (the text lqtk calibrates on: 64 chunks of 512 tokens, as lqtk's 64 windows). Then per type:
+llama-quantize --imatrix makes llama.cpp's file; lqtk's is runs/smollm2-135m/gguf-<type>/model.gguf, made by its
+recipe (run here when missing). For each pair, one after the other in this run: llama-perplexity on the evaluation
+play (context 512), the file size and bits per weight, and llama-bench's prompt and generation tokens/s.
+llama.cpp is never a dependency of lqtk: everything it needs lives in the cache folder.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from readme_section import update_readme_section
+
+REPO = Path(__file__).resolve().parents[1]
+SDIST = "llama-cpp-python==0.3.36"
+TOOLS = ["llama-perplexity", "llama-imatrix", "llama-quantize", "llama-bench"]
+RECIPES = {"Q4_K_M": "gguf-q4_k_m", "Q3_K_M": "gguf-q3_k_m", "Q2_K": "gguf-q2_k", "IQ4_XS": "gguf-iq4_xs",
+           "IQ3_XXS": "gguf-iq3_xxs", "IQ2_XS": "gguf-iq2_xs"}
+THREADS = "2"
+
+
+def run(command: list, **kwargs) -> str:
+    print("$", " ".join(str(c) for c in command), flush=True)
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, **kwargs)
+    if result.returncode:
+        sys.exit(f"{command[0]} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout + result.stderr
+
+
+def build(cache: Path) -> Path:
+    """llama.cpp's tools in cache/build/bin (the sdist downloaded, unpacked and built on first use)."""
+    bin_dir = cache / "build" / "bin"
+    if all((bin_dir / tool).exists() for tool in TOOLS):
+        return bin_dir
+    source = cache / "src"
+    if not (source / "CMakeLists.txt").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", tmp])
+            with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as sdist:
+                sdist.extractall(tmp, filter="data")
+            next(Path(tmp).glob("*/vendor/llama.cpp")).rename(source)
+    run(["cmake", "-S", source, "-B", cache / "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DCMAKE_BUILD_TYPE=Release"])
+    run(["cmake", "--build", cache / "build", "-j", str(os.cpu_count()), "--target", *TOOLS])
+    return bin_dir
+
+
+def convert(cache: Path, model: Path) -> Path:
+    """The fp model as llama.cpp's converter writes it (F32), with its own gguf-py and sentencepiece (which the
+    converter imports even for a BPE vocabulary) in the cache, not in lqtk's environment."""
+    out = cache / "smollm2-135m-f32.gguf"
+    if out.exists():
+        return out
+    packages = cache / "python"
+    if not (packages / "sentencepiece").exists():
+        run([sys.executable, "-m", "pip", "install", "--quiet", "--target", packages, "sentencepiece"])
+    env = os.environ | {"PYTHONPATH": f"{cache / 'src' / 'gguf-py'}:{packages}"}
+    run([sys.executable, cache / "src" / "convert_hf_to_gguf.py", model, "--outtype", "f32", "--outfile", out],
+        env=env)
+    return out
+
+
+def texts(cache: Path) -> tuple[Path, Path]:
+    """The calibration plays (concatenated) and the evaluation play, as lqtk's data module splits them."""
+    sys.path.insert(0, str(REPO))
+    from lqtk.data import default_split
+
+    calibration, evaluation = default_split()
+    joined = cache / "calibration-plays.txt"
+    if not joined.exists():
+        joined.write_text("\n".join(Path(file).read_text(errors="replace") for file in calibration))
+    return joined, Path(evaluation[0])
+
+
+def imatrix(bin_dir: Path, cache: Path, f32: Path, calibration: Path) -> Path:
+    out = cache / "imatrix.gguf"
+    if not out.exists():
+        run([bin_dir / "llama-imatrix", "-m", f32, "-f", calibration, "-c", "512", "--chunks", "64", "-t", THREADS,
+             "-o", out])
+    return out
+
+
+def llama_file(bin_dir: Path, cache: Path, f32: Path, matrix: Path, type_name: str) -> Path:
+    out = cache / f"llama-{type_name}.gguf"
+    if not out.exists():
+        run([bin_dir / "llama-quantize", "--imatrix", matrix, f32, out, type_name, THREADS])
+    return out
+
+
+def lqtk_file(type_name: str) -> Path:
+    recipe = RECIPES[type_name]
+    out = REPO / "runs" / "smollm2-135m" / recipe / "model.gguf"
+    if not out.exists():
+        run([Path(sys.executable).parent / "lqtk", "fit", "--config", REPO / "configs" / "smollm2-135m" /
+             f"{recipe}.yaml"], cwd=REPO)
+    return out
+
+
+def measure(bin_dir: Path, file: Path, evaluation: Path) -> dict:
+    """llama.cpp's perplexity (context 512) and bench figures of one file, and its size."""
+    text = run([bin_dir / "llama-perplexity", "-m", file, "-f", evaluation, "-c", "512", "-b", "512", "-t", THREADS])
+    ppl = float(re.search(r"Final estimate: PPL = ([0-9.]+)", text).group(1))
+    bench = bench_json(bin_dir, file)
+    speed = {("prompt" if row["n_prompt"] else "decode"): row["avg_ts"] for row in bench}
+    return {"file": str(file), "bytes": file.stat().st_size, "bits_per_weight": bits_per_weight(file),
+            "perplexity": ppl, "prompt_tokens_per_s": speed["prompt"], "decode_tokens_per_s": speed["decode"]}
+
+
+def bench_json(bin_dir: Path, file: Path) -> list:
+    """llama-bench's records (its JSON on stdout; its log goes to stderr)."""
+    result = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(file), "-p", "64", "-n", "64", "-t", THREADS,
+                             "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def bits_per_weight(file: Path) -> float:
+    """Bits per weight of the tensors llama.cpp's quantizer quantizes (every 2-D tensor: the Linears and the
+    embedding), as stored."""
+    from gguf import GGUFReader
+
+    tensors = [t for t in GGUFReader(file).tensors if len(t.shape) == 2]
+    return sum(int(t.n_bytes) for t in tensors) * 8 / sum(int(t.n_elements) for t in tensors)
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo").read_text()
+    name = re.search(r"model name\s*:\s*(.*)", info).group(1).strip()
+    isa = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
+    return f"{name}, {os.cpu_count()} cores, {isa}"
+
+
+def table(records: list[dict], cpu: str, command: str) -> str:
+    lines = [f"`{command}` on {cpu}; llama.cpp {SDIST.split('==')[1]} (llama-cpp-python's vendored source), "
+             "perplexity by llama-perplexity on the evaluation play, context 512; speed by llama-bench "
+             "(64-token prompt, 64 generated tokens, 2 threads).", "",
+             "| type | file by | MiB | bits/weight | perplexity | prompt tok/s | decode tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    for record in records:
+        for who in ("llama.cpp", "lqtk"):
+            r = record[who]
+            lines.append(f"| {record['type']} | {who} | {r['bytes'] / 2**20:.1f} | {r['bits_per_weight']:.2f} | "
+                         f"{r['perplexity']:.3f} | {r['prompt_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} |")
+    lines += ["", "| type | perplexity lqtk / llama.cpp | size lqtk / llama.cpp | decode speed lqtk / llama.cpp |",
+              "|---|---|---|---|"]
+    for record in records:
+        a, b = record["lqtk"], record["llama.cpp"]
+        lines.append(f"| {record['type']} | {a['perplexity'] / b['perplexity']:.3f} | {a['bytes'] / b['bytes']:.3f} "
+                     f"| {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--types", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lqtk" / "llama.cpp"))
+    parser.add_argument("--text", help="evaluation text for llama-perplexity (default: the evaluation play)")
+    parser.add_argument("--json", help="write the records to this file")
+    parser.add_argument("--update-docs", action="store_true", help="write the table into docs/gguf.md")
+    opts = parser.parse_args()
+    cache = Path(opts.cache).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO))
+    from lqtk.models import resolve_model
+
+    bin_dir = build(cache)
+    f32 = convert(cache, resolve_model("smollm2-135m"))
+    calibration, evaluation = texts(cache)
+    evaluation = Path(opts.text) if opts.text else evaluation
+    matrix = imatrix(bin_dir, cache, f32, calibration)
+    records = []
+    for type_name in opts.types:
+        files = {"llama.cpp": llama_file(bin_dir, cache, f32, matrix, type_name), "lqtk": lqtk_file(type_name)}
+        records.append({"type": type_name, **{who: measure(bin_dir, file, evaluation) for who, file in files.items()}})
+        print(json.dumps(records[-1], indent=2), flush=True)
+    command = "python scripts/compare_llamacpp.py " + " ".join(sys.argv[1:])
+    text = table(records, cpu_name(), command.strip())
+    print(text)
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({"cpu": cpu_name(), "records": records}, indent=2) + "\n")
+    if opts.update_docs:
+        update_readme_section("llamacpp-comparison", text)
+
+
+if __name__ == "__main__":
+    main()
