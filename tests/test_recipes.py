@@ -20,7 +20,8 @@ RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
 REFERENCE = REPO / "configs" / "smollm2-135m"  # the reference model: a recipe per method and width
 WEIGHT_WIDTHS = (2, 3, 4)  # bits per weight code
 ACTIVATION_WIDTHS = {AgileQuant: (8, 4)}  # methods that quantize the inputs: bits per activation code
-NO_RECIPE = {("AQLM", 4)}  # 4 codebooks x 8 bits per group of 8: not landed (AQLM is the 2- and 3-bit method)
+NO_RECIPE = {("AQLM", 4)}
+RECIPE_PREFIX = {"GGML": "gguf"}  # recipe names that are not the method's: the GGUF files llama.cpp users know  # 4 codebooks x 8 bits per group of 8: not landed (AQLM is the 2- and 3-bit method)
 
 
 def build(node):
@@ -94,6 +95,6 @@ def test_recipe_instantiates(recipe: Path, tmp_path):
         quantizer = cli.model.quantizer
         assert isinstance(cli.model, LayerwiseCalibration) and isinstance(quantizer, WeightQuantizer)
         weights = quantizer.inner if isinstance(quantizer, AgileQuant) else quantizer  # W4A8: named by its weights
-        assert recipe.stem.startswith(type(weights).__name__.lower())
+        assert recipe.stem.startswith(RECIPE_PREFIX.get(type(weights).__name__, type(weights).__name__.lower()))
     assert all(line.strip().startswith("#") or "#" in line for line in recipe.read_text().splitlines()
                if line.strip() and not line.strip().endswith(":")), "every key is commented"

@@ -109,6 +109,11 @@ class GGML(ErrorFeedback):
     def group_size(self) -> int:
         return self.kind.block
 
+    @property
+    def bits(self) -> int:
+        """Bits per weight code (4 for Q4_K, IQ4_NL; the scales come on top)."""
+        return (len(self.kind.levels) - 1).bit_length()
+
     def check_fits(self, shape):
         if shape[1] % 32:
             raise LqtkError(f"{self.type} needs rows that are a multiple of 32 weights (GGML blocks), not {shape[1]}")
