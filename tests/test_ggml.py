@@ -92,7 +92,8 @@ def gguf_run(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     build_tiny_llama(root / "fp", intermediate_size=256)
     run = root / "run"
-    main(recipe_args(corpus, run, "--model.init_args.model", str(root / "fp"), recipe=GGUF_RECIPE))
+    main(recipe_args(corpus, run, "--model.init_args.model", str(root / "fp"), "--export.evaluate", "false",
+                     recipe=GGUF_RECIPE))
     return run
 
 
