@@ -87,7 +87,8 @@ def test_recipe_instantiates(recipe: Path, tmp_path):
         assert cli.model.model_path.startswith(f"runs/{recipe.parent.name}/{method}")
         assert (cli.model.pv is not None) == recipe.stem.endswith("-pv")
     elif isinstance(cli.model, Requantize):  # from the Hessians of the calibration recipe its chain starts with
-        assert cli.model.model_path.endswith("-tiny/model" if "debug" in str(recipe) else "gptq-w4g128/model")
+        start = recipe.stem.removesuffix("-mix") if recipe.stem.endswith("-mix") else "gptq-w4g128"  # GGUF's own
+        assert cli.model.model_path.endswith("-tiny/model" if "debug" in str(recipe) else f"{start}/model")
         assert all(isinstance(q, WeightQuantizer) for q in cli.model.candidates) and cli.model.budget_bits
     elif isinstance(cli.model, MixedCalibration):  # the allocation of the recipe it is named after
         assert cli.model.model_path == f"runs/{recipe.parent.name}/{recipe.stem.removesuffix('-seq')}/model"
