@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from helpers import DEBUG_RECIPE, LQTK, QUICK, REPO, corpus_args, run_lqtk, write_text
 
+GGUF_RECIPE = str(REPO / "configs" / "debug" / "gguf-tiny.yaml")
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # chmod does not bind root
 
 SERVER = r"""
@@ -184,6 +185,11 @@ def inputs(cli, corpus, tmp_path_factory) -> dict[str, str]:
         "evaluation": corpus["evaluation"],
     }
     paths["binary"].write_bytes(b"\x00\x01" + os.urandom(4000))
+    from lqtk.export.gguf import export_gguf
+
+    export_gguf(tiny_llama(), root / "whole.gguf", "Q8_0")
+    paths["truncated_gguf"] = root / "truncated.gguf"
+    paths["truncated_gguf"].write_bytes((root / "whole.gguf").read_bytes()[:3000])
     write_text(paths["latin1"], 600, 2)
     paths["latin1"].write_bytes(paths["latin1"].read_bytes() + "Cæsar's daughter\n".encode("latin-1"))
     return {name: str(path) for name, path in paths.items()}
@@ -282,6 +288,16 @@ CASES = [
     pytest.param(fit("--model.init_args.quantizer.class_path", "lqtk.quant.GPTQQ", says=("GPTQQ", "GPTQ", "RTN")),
                  id="quantizer-class-typo"),
     pytest.param(Case(("fit", "--trainer.default_root_dir", "{run}"), says=("--config",)), id="fit-without-config"),
+    # GGUF (lqtk/export/gguf.py, lqtk/gguf_file.py)
+    pytest.param(fit("--export.gguf", "true", says=("export.gguf", "lqtk.quant.GGML")), id="gguf-from-gptq"),
+    pytest.param(Case(("fit", "--config", GGUF_RECIPE, "--trainer.default_root_dir", "{run}",
+                       "--model.init_args.quantizer.init_args.type", "Q4_K_M"), says=("unknown GGML type 'Q4_K_M'",
+                                                                                       "Q4_K, Q5_K")),
+                 id="gguf-file-type-as-tensor-type"),
+    pytest.param(Case(("export", "--format", "gguf", "--model", "tiny-qwen2", "--output", "{run}/q.gguf", "--type",
+                       "Q4_K"), says=("supports the architectures", "'qwen2'")), id="gguf-unknown-architecture"),
+    pytest.param(Case(("evaluate", "--model", "{truncated_gguf}", "--text", "{evaluation}", "--output",
+                       "{run}/eval.json"), says=("not a complete GGUF file",)), id="evaluate-truncated-gguf"),
 ]
 
 

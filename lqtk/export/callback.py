@@ -39,8 +39,8 @@ from lqtk.export.serving import (
     save_serving,
     serving_folder,
 )
-from lqtk.formats import AQLMFormat
-from lqtk.gguf_file import load_gguf
+from lqtk.formats import AQLMFormat, GGMLFormat
+from lqtk.gguf_file import check_architecture, load_gguf
 from lqtk.model_format import bits_per_weight, save_quantized
 from lqtk.models import load_causal_lm, resolve_model
 from lqtk.nn import quantized_layers
@@ -142,6 +142,12 @@ class ExportQuantized(Callback):
             elif formats - {"affine"}:
                 raise LqtkError(f"export.serving_formats has {format_name!r}, which stores 'affine' layers only, "
                                 f"and this model has {sorted(formats - {'affine'})} layers: remove it")
+        if self.gguf:
+            check_architecture(pl_module.model.config)
+            if pl_module.quantizer is not None and pl_module.quantizer.format != GGMLFormat.name:
+                raise LqtkError(f"export.gguf writes llama.cpp's types, and {type(pl_module.quantizer).__name__} "
+                                "writes lqtk's own: quantize with lqtk.quant.GGML, or set export.gguf false (and "
+                                "round the export later: lqtk export --format gguf --type T)")
         if self.evaluate and self.fp_perplexity is None and trainer.is_global_zero:  # before the phase's work
             fp_model, fp_model_path = pl_module.fp_reference()
             self.fp_perplexity = self._on_device(fp_model, trainer, fp_perplexity, resolve_model(fp_model_path))
