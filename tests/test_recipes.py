@@ -20,8 +20,8 @@ RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
 REFERENCE = REPO / "configs" / "smollm2-135m"  # the reference model: a recipe per method and width
 WEIGHT_WIDTHS = (2, 3, 4)  # bits per weight code
 ACTIVATION_WIDTHS = {AgileQuant: (8, 4)}  # methods that quantize the inputs: bits per activation code
-NO_RECIPE = {("AQLM", 4)}
-RECIPE_PREFIX = {"GGML": "gguf"}  # recipe names that are not the method's: the GGUF files llama.cpp users know  # 4 codebooks x 8 bits per group of 8: not landed (AQLM is the 2- and 3-bit method)
+NO_RECIPE = {("AQLM", 4)}  # 4 codebooks x 8 bits per group of 8: not landed (AQLM is the 2- and 3-bit method)
+RECIPE_PREFIX = {"GGML": "gguf"}  # recipe names that are not the method's: the GGUF files llama.cpp users know
 
 
 def build(node):
