@@ -61,16 +61,17 @@ def rope_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def write_gguf(out: Path, config: PretrainedConfig, tokenizer_dir: Path, tensors: Iterable[tuple[str, Typed]],
-               file_type: gguf.LlamaFileType, name: str) -> None:
+               file_type: gguf.LlamaFileType, source: Path) -> None:
     """Write `tensors` (transformers names, in the order given) of a model with `config` and the tokenizer in
-    `tokenizer_dir` to the GGUF file `out`."""
+    `tokenizer_dir` to the GGUF file `out`; the model's name, as the converter finds it, from the folder `source`."""
     check_architecture(config)
+    tensors = list(tensors)
     arch = ARCHITECTURES[config.model_type]
     out = Path(out)
     partial = out.with_name(f".{out.name}.partial")
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])
     try:
-        add_metadata(writer, config, tokenizer_dir, file_type, name)
+        add_metadata(writer, config, tokenizer_dir, file_type, source, sum(map(weight_count, tensors)))
         names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
         for hf_name, value in tensors:
             new_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -95,11 +96,20 @@ def write_gguf(out: Path, config: PretrainedConfig, tokenizer_dir: Path, tensors
         partial.unlink(missing_ok=True)
 
 
+def weight_count(item: tuple[str, Typed]) -> int:
+    """The number of weights of a tensor to write."""
+    _, value = item
+    if not isinstance(value, tuple):
+        return value.numel()
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[value[0]]]
+    return value[1].numel() // size * block
+
+
 def add_metadata(writer: gguf.GGUFWriter, config: PretrainedConfig, tokenizer_dir: Path,
-                 file_type: gguf.LlamaFileType, name: str) -> None:
+                 file_type: gguf.LlamaFileType, source: Path, weights: int) -> None:
     """The keys llama.cpp's converter writes for a Llama-architecture model, in its order."""
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
+    gguf.Metadata.load(None, Path(source), None, weights).set_gguf_meta_model(writer)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)

@@ -190,7 +190,8 @@ class ExportQuantized(Callback):
                     for name, content in pl_module.export_files().items():
                         (Path(tmp) / folder / name).write_text(json.dumps(content, indent=2) + "\n")
                     if self.gguf:
-                        self.write_gguf_verified(Path(tmp), trainer)
+                        fp_model = getattr(pl_module, "fp_model_path", pl_module.model_path)  # names the model
+                        self.write_gguf_verified(Path(tmp), trainer, resolve_model(fp_model))
             for folder in self.exports:  # every export verified: put them in place
                 if (self.dirpath / folder).is_dir():  # only reached with overwrite: setup refused otherwise
                     shutil.rmtree(self.dirpath / folder)
@@ -219,10 +220,10 @@ class ExportQuantized(Callback):
         shutil.rmtree(expected)
         return reloaded
 
-    def write_gguf_verified(self, root: Path, trainer) -> None:
-        """Write root/model.gguf from the export in root/model and check that transformers' GGUF loader computes the
-        logits of that export with the GGUF's own token embedding."""
-        export_gguf(root / "model", root / GGUF_NAME, file_type=self.gguf_file_type)
+    def write_gguf_verified(self, root: Path, trainer, source: Path) -> None:
+        """Write root/model.gguf from the export in root/model (named after the fp model in `source`) and check that
+        transformers' GGUF loader computes the logits of that export with the GGUF's own token embedding."""
+        export_gguf(root / "model", root / GGUF_NAME, file_type=self.gguf_file_type, source=source)
         windows = trainer.datamodule.evaluation_windows()[: self.verify_windows]
         expected = root / f".{GGUF_NAME}-logits"
         expected.mkdir()

@@ -45,9 +45,11 @@ def layer_order(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1, name)
 
 
-def export_gguf(model_dir: Path, out: Path, linear_type: str | None = None, file_type: str | None = None) -> None:
+def export_gguf(model_dir: Path, out: Path, linear_type: str | None = None, file_type: str | None = None,
+                source: Path | None = None) -> None:
     """Write the lqtk export (or fp model) in `model_dir` as the GGUF file `out`. `file_type`: the llama.cpp file
-    type recorded (e.g. "Q4_K_M"); default: MOSTLY_ the type of most Linear weights."""
+    type recorded (e.g. "Q4_K_M"); default: MOSTLY_ the type of most Linear weights. `source`: the folder of the fp
+    model it was quantized from, whose name names the model (default: `model_dir`)."""
     model_dir = Path(model_dir)
     if linear_type is not None and linear_type not in TYPES:
         raise LqtkError(f"unknown GGML type {linear_type!r}: choose one of {', '.join(TYPES)}")
@@ -95,7 +97,7 @@ def export_gguf(model_dir: Path, out: Path, linear_type: str | None = None, file
     except KeyError:
         raise LqtkError(f"unknown llama.cpp file type {file_type!r}: e.g. Q4_K_M, Q3_K_M, Q2_K, IQ4_XS") from None
     write_gguf(out, config, model_dir, sorted(written, key=lambda item: layer_order(item[0])), kind,
-               config_dict.get("_name_or_path") or model_dir.name)
+               source or model_dir)
 
 
 def rounded_output(weight: torch.Tensor, type_name: str) -> tuple[str, torch.Tensor]:
