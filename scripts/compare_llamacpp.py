@@ -7,8 +7,9 @@ sdist, which vendors llama.cpp's full source (cmake and a C++ compiler needed; 1
 converted by llama.cpp's own convert_hf_to_gguf.py; an importance matrix computed by llama-imatrix on the
 calibration plays (the text lqtk calibrates on: 64 chunks of 512 tokens, as lqtk's 64 windows). Then per type:
 llama-quantize --imatrix makes llama.cpp's file; lqtk's is runs/smollm2-135m/gguf-<type>/model.gguf, made by its
-recipe (run here when missing). For each pair, one after the other in this run: llama-perplexity on the evaluation
-play (context 512), the file size and bits per weight, and llama-bench's prompt and generation tokens/s.
+recipe (run here when missing). In this run: llama-perplexity on the evaluation play (context 512) of the F32 file
+and of each file, their sizes and bits per weight, then llama-bench's prompt and generation tokens/s of the two
+files of each type, taking turns.
 llama.cpp is never a dependency of lqtk: everything it needs lives in the cache folder.
 """
 
@@ -109,21 +110,25 @@ def lqtk_file(type_name: str) -> Path:
     return out
 
 
-def measure(bin_dir: Path, file: Path, evaluation: Path) -> dict:
-    """llama.cpp's perplexity (context 512) and bench figures of one file, and its size."""
+def perplexity(bin_dir: Path, file: Path, evaluation: Path) -> dict:
+    """llama.cpp's perplexity (context 512) of one file, and its size."""
     text = run([bin_dir / "llama-perplexity", "-m", file, "-f", evaluation, "-c", "512", "-b", "512", "-t", THREADS])
-    ppl = float(re.search(r"Final estimate: PPL = ([0-9.]+)", text).group(1))
-    bench = bench_json(bin_dir, file)
-    speed = {("prompt" if row["n_prompt"] else "decode"): row["avg_ts"] for row in bench}
     return {"file": str(file), "bytes": file.stat().st_size, "bits_per_weight": bits_per_weight(file),
-            "perplexity": ppl, "prompt_tokens_per_s": speed["prompt"], "decode_tokens_per_s": speed["decode"]}
+            "perplexity": float(re.search(r"Final estimate: PPL = ([0-9.]+)", text).group(1))}
 
 
-def bench_json(bin_dir: Path, file: Path) -> list:
-    """llama-bench's records (its JSON on stdout; its log goes to stderr)."""
-    result = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(file), "-p", "64", "-n", "64", "-t", THREADS,
-                             "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
-    return json.loads(result.stdout)
+def speeds(bin_dir: Path, files: list[Path], rounds: int) -> list[dict]:
+    """llama-bench's prompt and generation tokens/s of each file, the files taking turns for `rounds` rounds (so
+    that a change in the machine's load touches them alike); each file's best round."""
+    best = [{"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0} for _ in files]
+    for _ in range(rounds):
+        for record, file in zip(best, files):
+            result = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(file), "-p", "64", "-n", "64", "-t",
+                                     THREADS, "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
+            for row in json.loads(result.stdout):  # its JSON on stdout, its log on stderr
+                key = "prompt_tokens_per_s" if row["n_prompt"] else "decode_tokens_per_s"
+                record[key] = max(record[key], row["avg_ts"])
+    return best
 
 
 def bits_per_weight(file: Path) -> float:
@@ -142,11 +147,13 @@ def cpu_name() -> str:
     return f"{name}, {os.cpu_count()} cores, {isa}"
 
 
-def table(records: list[dict], cpu: str, command: str) -> str:
-    lines = [f"`{command}` on {cpu}; llama.cpp {SDIST.split('==')[1]} (llama-cpp-python's vendored source), "
-             "perplexity by llama-perplexity on the evaluation play, context 512; speed by llama-bench "
-             "(64-token prompt, 64 generated tokens, 2 threads).", "",
-             "| type | file by | MiB | bits/weight | perplexity | prompt tok/s | decode tok/s |",
+def table(records: list[dict], fp: dict, cpu: str, command: str) -> str:
+    lines = [f"`{command}` on {cpu}; llama.cpp {SDIST.split('==')[1]} (llama-cpp-python's vendored source). "
+             "Perplexity by llama-perplexity on the evaluation play, context 512 (the F32 file: "
+             f"{fp['perplexity']:.3f}); speed by llama-bench (64-token prompt, 64 generated tokens, 2 threads; "
+             "each file's best of the rounds in which the two files took turns). Bits per weight: over the Linears "
+             "and the embedding, as stored.",
+             "", "| type | file by | MiB | bits/weight | perplexity | prompt tok/s | decode tok/s |",
              "|---|---|---|---|---|---|---|"]
     for record in records:
         for who in ("llama.cpp", "lqtk"):
@@ -167,6 +174,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lqtk" / "llama.cpp"))
     parser.add_argument("--text", help="evaluation text for llama-perplexity (default: the evaluation play)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of llama-bench, the two files by turns")
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/gguf.md")
     opts = parser.parse_args()
@@ -180,16 +188,22 @@ def main() -> None:
     calibration, evaluation = texts(cache)
     evaluation = Path(opts.text) if opts.text else evaluation
     matrix = imatrix(bin_dir, cache, f32, calibration)
+    fp = perplexity(bin_dir, f32, evaluation)
     records = []
     for type_name in opts.types:
         files = {"llama.cpp": llama_file(bin_dir, cache, f32, matrix, type_name), "lqtk": lqtk_file(type_name)}
-        records.append({"type": type_name, **{who: measure(bin_dir, file, evaluation) for who, file in files.items()}})
-        print(json.dumps(records[-1], indent=2), flush=True)
+        records.append({"type": type_name, **{who: perplexity(bin_dir, file, evaluation)
+                                              for who, file in files.items()}})
+    for record in records:  # speed after all perplexities: the files of a type measured by turns
+        files = [Path(record[who]["file"]) for who in ("llama.cpp", "lqtk")]
+        for who, speed in zip(("llama.cpp", "lqtk"), speeds(bin_dir, files, opts.rounds)):
+            record[who].update(speed)
+        print(json.dumps(record, indent=2), flush=True)
     command = "python scripts/compare_llamacpp.py " + " ".join(sys.argv[1:])
-    text = table(records, cpu_name(), command.strip())
+    text = table(records, fp, cpu_name(), command.strip())
     print(text)
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"cpu": cpu_name(), "records": records}, indent=2) + "\n")
+        Path(opts.json).write_text(json.dumps({"cpu": cpu_name(), "f32": fp, "records": records}, indent=2) + "\n")
     if opts.update_docs:
         update_readme_section("llamacpp-comparison", text)
 
