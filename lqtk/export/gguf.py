@@ -65,9 +65,9 @@ def export_gguf(model_dir: Path, out: Path, linear_type: str | None = None, file
         raise LqtkError(f"{model_dir} has {what}, which a GGUF stores in a GGML type: quantize with lqtk.quant.GGML, "
                         "or name the type to round them to (--type, e.g. Q4_K)")
 
-    def tensors():
-        stored = {name for layer in layers for name in files.files if name.startswith(layer + ".")}
-        for name in sorted(set(files.files) - stored, key=layer_order):
+    def tensors():  # in any order: written in layer_order
+        of_layers = {name for layer in layers for name in files.files if name.startswith(layer + ".")}
+        for name in set(files.files) - of_layers:
             tensor = files.read([name])[name]
             if name in fp_linears:
                 yield name, rounded(tensor, linear_type)
@@ -75,7 +75,7 @@ def export_gguf(model_dir: Path, out: Path, linear_type: str | None = None, file
                 yield name, rounded_output(tensor, output_type(config.hidden_size))
             else:
                 yield name, tensor
-        for layer, spec in sorted(layers.items(), key=lambda item: layer_order(item[0])):
+        for layer, spec in layers.items():
             names = [name for name in files.files if name.startswith(layer + ".")]
             stored = {name[len(layer) + 1:]: t for name, t in files.read(names).items()}
             if spec["format"] == GGMLFormat.name:
