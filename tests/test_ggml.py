@@ -10,7 +10,7 @@ from helpers import REPO, correlated_problem, fails_with, recipe_args
 from lqtk.cli import main
 from lqtk.errors import LqtkError
 from lqtk.export.gguf import with_gguf_embedding
-from lqtk.formats.ggml import TYPES
+from lqtk.formats.ggml import TYPES, grid_table, sign_table
 from lqtk.gguf_file import check_gguf, load_gguf, rope_permute
 from lqtk.models import load_causal_lm
 from lqtk.nn import quantized_layers
@@ -64,6 +64,29 @@ def test_gptq_on_the_grid_beats_round_to_nearest(type_name):
     except NotImplementedError:  # the gguf package quantizes the 32-wide types only
         return
     assert weighted_error(w, ours, hessian) < 0.8 * weighted_error(w, torch.from_numpy(llama), hessian)
+
+
+@pytest.mark.parametrize("type_name", ["IQ2_XS", "IQ3_XXS"])
+def test_vector_rounding_finds_the_best_entries_and_signs(type_name):
+    """The i-quants' rounding of 8 weights: the least weighted error over every codebook entry (per 4 or 8 weights)
+    and every one of the 128 sign codes (the 8th sign makes the count of minus signs even), by brute force."""
+    g = torch.Generator().manual_seed(1)
+    rows = 64
+    columns, weight = torch.randn(8, rows, generator=g), torch.rand(8, generator=g) + 0.1
+    scale = torch.rand(rows, 1, generator=g) * 0.05 + 0.01
+    config = GGML(type=type_name)
+    codes, values = config.round_vector_to_grid(columns, (scale, torch.zeros(rows, 1)), 0, weight)
+    cost = (weight[:, None] * (columns - values).square()).sum(0)
+
+    grid = grid_table(type_name)
+    x = columns.T.reshape(rows, 1, -1, grid.shape[1])  # (rows, 1, halves, dim)
+    signs = sign_table().reshape(1, 128, -1, grid.shape[1])
+    entry_cost = (weight.reshape(-1, grid.shape[1])[:, None] *
+                  (x[..., None, :] - scale.reshape(rows, 1, 1, 1, 1) * signs[..., None, :] * grid).square()).sum(-1)
+    best = entry_cost.amin(-1).sum(-1).amin(1)  # the best entry of each half, under the best sign code
+    assert torch.allclose(cost, best, rtol=1e-5, atol=1e-7)
+    level = torch.tensor(TYPES[type_name].levels, dtype=torch.float32)[(codes >> 1).long()]
+    assert torch.equal(values, scale.T * level * torch.where(codes & 1 == 1, -1.0, 1.0))  # code: level · 2 + minus
 
 
 def test_rows_the_type_cannot_take_fall_back_as_llama_cpp_does():

@@ -9,7 +9,11 @@ weight stores an unsigned code q, and
 where `level` is a fixed integer table (q − 8 for Q4_0, llama.cpp's non-uniform kvalues for IQ4_NL), and a
 sub-block's scale and offset come from the block's fp16 fields and integer scale codes, computed in fp32 with the
 same operations, in the same order, as llama.cpp's and the `gguf` package's dequantization: lqtk decodes these bytes
-bit for bit as they do (tests/test_ggml.py checks it against the `gguf` package).
+bit for bit as they do (tests/test_ggml.py checks it against the `gguf` package). The 2-3 bit i-quants (IQ2_XS,
+IQ3_XXS) store vectors instead of levels: each run of 8 (or 4) weights is an entry of a fixed lattice codebook of
+positive values (`grid_table`), and each run of 8 weights has a 7-bit sign code (`sign_table`):
+
+    w = scale[sub-block] · grid[g] · sign[s]
 
 The bytes of one block are described by fields: fp16 values at byte offsets, and integer codes whose bits are spread
 over the block by an `interleaved` pattern (llama.cpp packs nibbles and bit planes of neighbouring runs of weights
@@ -19,6 +23,7 @@ into the same bytes). A field may take its value from several parts (Q5_0's fift
 import functools
 from dataclasses import dataclass
 
+import gguf
 import torch
 
 from lqtk.formats.base import WeightFormat, register_format
@@ -56,6 +61,18 @@ def interleaved(count: int, width: int, bits: int, offset: int = 0, value_shift:
     return Part(tuple(byte), tuple(shift), (bits,) * count, (value_shift,) * count)
 
 
+def bits_at(starts: list[int], bits: int) -> list[Part]:
+    """Values of `bits` bits (at most 9) starting at the given bit positions of the block, little-endian (the bits
+    of llama.cpp's uint16 and uint32 words): the first part holds the bits in a value's first byte, the second the
+    rest, in the next byte."""
+    low = [min(bits, 8 - start % 8) for start in starts]
+    rest = [bits - n for n in low]
+    return [Part(tuple(start // 8 for start in starts), tuple(start % 8 for start in starts), tuple(low),
+                 (0,) * len(starts)),
+            Part(tuple(start // 8 + (n > 0) for start, n in zip(starts, rest)), (0,) * len(starts), tuple(rest),
+                 tuple(low))]
+
+
 def k_scale_codes(minimum: bool, offset: int = 4) -> list[Part]:
     """Q4_K/Q5_K's eight 6-bit scale (or min) codes in 12 bytes from `offset`: codes 0-3 in the low 6 bits of bytes
     0-3 (mins: 4-7); codes 4-7 with their low 4 bits in the low (mins: high) nibble of bytes 8-11 and their top 2 bits
@@ -71,10 +88,11 @@ def k_scale_codes(minimum: bool, offset: int = 4) -> list[Part]:
 @dataclass(frozen=True)
 class BlockType:
     """One GGML quantized tensor type. `halves`: its fp16 fields by byte offset (`d`, and `m` or `dmin`); `codes`:
-    its integer fields (`q` per weight, `scales` and `mins` per sub-block) as parts. `levels[q]` is a code's level;
+    its integer fields (`q` per weight, `scales` and `mins` per sub-block; the i-quants: `grid` per vector, `signs`
+    per 8 weights) as parts. `levels[q]` is a code's level (the i-quants: the values of their codebook's entries);
     `scale_codes`: how a sub-block's scale code decodes (None: the block's d is the scale; `unsigned`: d·code;
-    `signed`: d·(code − 32), or d·code for int8 codes); `minimum`: the sub-block's offset, `+m` (the 32-wide types:
-    the block's m) or `-dmin·min` (the k-quants)."""
+    `signed`: d·(code − 32), or d·code for int8 codes; `odd`: d·(0.5 + code)·`scale_factor`); `minimum`: the
+    sub-block's offset, `+m` (the 32-wide types: the block's m) or `-dmin·min` (the k-quants)."""
 
     name: str
     block: int
@@ -85,6 +103,12 @@ class BlockType:
     levels: tuple[int, ...]
     scale_codes: str | None = None
     minimum: str | None = None
+    scale_factor: float = 1.0
+
+    @property
+    def vectors(self) -> bool:
+        """Whether the weights are lattice-codebook vectors with sign codes (the i-quants below 4 bits)."""
+        return "grid" in self.codes
 
     @property
     def code_bits(self) -> dict[str, int]:
@@ -128,6 +152,8 @@ class BlockType:
             scale = d
         elif self.scale_codes == "unsigned":
             scale = d * codes["scales"].float()
+        elif self.scale_codes == "odd":
+            scale = d * (0.5 + codes["scales"].float()) * self.scale_factor
         elif self.code_bits["scales"] == 8:  # int8 codes (Q6_K)
             scale = d * (codes["scales"] - 256 * (codes["scales"] >= 128)).float()
         else:
@@ -142,9 +168,31 @@ class BlockType:
         """Blocks (N, size) uint8 -> weights (N, block) fp32."""
         halves, codes = self.unpack(blocks)
         scale, offset = self.sub_scales(halves, codes)
+        if self.vectors:
+            value = grid_table(self.name).to(blocks.device)[codes["grid"].long()].reshape(len(blocks), self.block)
+            sign = sign_table().to(blocks.device)[codes["signs"].long()].reshape(len(blocks), self.block)
+            return scale.repeat_interleave(self.sub, 1) * value * sign
         level = torch.tensor(self.levels, dtype=torch.float32, device=blocks.device)[codes["q"].long()]
         w = scale.repeat_interleave(self.sub, 1) * level
         return w if offset is None else w + offset.repeat_interleave(self.sub, 1)
+
+
+@functools.cache
+def grid_table(type_name: str) -> torch.Tensor:
+    """The lattice codebook of an i-quant type, (entries, 4 or 8) fp32 positive values (llama.cpp's iq2xs_grid,
+    iq3xxs_grid), as the `gguf` package holds it."""
+    quant = getattr(gguf.quants, type_name)
+    quant.init_grid()
+    return torch.from_numpy(quant.grid.reshape(quant.grid_shape).copy())
+
+
+@functools.cache
+def sign_table() -> torch.Tensor:
+    """(128, 8) ±1: llama.cpp's ksigns. A code's 7 bits are the signs of the first 7 weights (1: minus); the 8th
+    sign makes the count of minus signs even."""
+    bits = (torch.arange(128)[:, None] >> torch.arange(7)) & 1
+    bits = torch.cat([bits, bits.sum(1, keepdim=True) % 2], 1)
+    return 1 - 2 * bits.float()
 
 
 def _nibbles(count: int, width: int, offset: int) -> Part:
@@ -180,6 +228,16 @@ TYPES: dict[str, BlockType] = {t.name: t for t in [
     BlockType("Q6_K", K, 16, 210, {"d": 208},
               {"q": [_nibbles(K, 64, 0), interleaved(K, 32, 2, 128, 4)], "scales": [interleaved(16, 16, 8, 192)]},
               tuple(range(-32, 32)), "signed"),
+    BlockType("IQ2_XS", K, 16, 74, {"d": 0},
+              {"grid": bits_at([16 + 16 * e for e in range(32)], 9),
+               "signs": bits_at([25 + 16 * e for e in range(32)], 7),
+               "scales": bits_at([66 * 8 + 4 * e for e in range(16)], 4)},
+              (8, 25, 43), "odd", scale_factor=0.25),
+    BlockType("IQ3_XXS", K, 32, 98, {"d": 0},
+              {"grid": bits_at([16 + 8 * e for e in range(64)], 8),
+               "signs": bits_at([(66 + 4 * (e // 4)) * 8 + 7 * (e % 4) for e in range(32)], 7),
+               "scales": bits_at([(66 + 4 * e) * 8 + 28 for e in range(8)], 4)},
+              (4, 12, 20, 28, 36, 44, 52, 62), "odd", scale_factor=0.5),
     BlockType("IQ4_NL", 32, 32, 18, {"d": 0}, {"q": [_nibbles(32, 16, 2)]}, IQ4_LEVELS),
     BlockType("IQ4_XS", K, 32, 136, {"d": 0},
               {"q": [_nibbles(K, 16, 8)], "scales": [interleaved(8, 1, 4, 4), interleaved(8, 1, 2, 2, 4)]},

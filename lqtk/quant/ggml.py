@@ -8,6 +8,12 @@ Hessian-weighted error, and the weights are rounded one column at a time with GP
 block of the type (32 weights, or a 256-weight super-block whose sub-block scales share an fp16 d): its scales are
 fixed when the walk first reaches one of its columns, from the weights as updated so far, and stored exactly as the
 type stores them, so that the error feedback sees the decoded values, not float ones.
+
+The 2-3 bit i-quants (IQ2_XS, IQ3_XXS) store each run of 8 (or 4) weights as an entry of a fixed lattice codebook,
+signs apart, with an even count of minus signs per run of 8. Their walk rounds 8 columns at a time (QuIP#'s block
+LDLQ, `ErrorFeedback.vector_size`): each row's 8 weights take the entry and signs of least error weighted by the
+columns' LDL diagonal, found by trying every entry (a few hundred: exhaustive, no beam needed), the parity rule
+included exactly.
 """
 
 import functools
@@ -18,10 +24,11 @@ import torch
 
 from lqtk.errors import LqtkError
 from lqtk.formats import QuantizedWeight
-from lqtk.formats.ggml import TYPES, BlockType, GGMLFormat
+from lqtk.formats.ggml import TYPES, BlockType, GGMLFormat, grid_table
 from lqtk.quant.gptq import ErrorFeedback
 
-SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
+                  "IQ3_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL"}
 """The 32-wide type a tensor gets when its rows are not a multiple of 256 (llama.cpp's quantizer's choice)."""
 
 
@@ -84,6 +91,60 @@ def fit_scale_min(x: torch.Tensor, weight: torch.Tensor, top: int, nonpositive: 
     return scale.gather(0, best)[0], offset.gather(0, best)[0]
 
 
+@functools.cache
+def grid_levels(type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An i-quant codebook as indices into the type's levels, (entries, dim), and the inverse: the entry of each
+    run of level indices (read as a number in base len(levels)), −1 where the codebook has none."""
+    levels = torch.tensor(TYPES[type_name].levels, dtype=torch.float32)
+    index = torch.searchsorted(levels, grid_table(type_name).contiguous())
+    base = len(levels) ** torch.arange(index.shape[1])
+    entry = torch.full((len(levels) ** index.shape[1],), -1, dtype=torch.long)
+    entry[(index * base).sum(1)] = torch.arange(len(index))
+    return index, entry
+
+
+def even_signs(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """±1 (N, 8k): the signs of x (+ for 0) per run of 8, with the sign of least weight·x² flipped in each run that
+    has an odd count of minus signs (the codebooks' parity rule, llama.cpp's choice before its search)."""
+    sign = torch.where(x < 0, -1.0, 1.0).reshape(len(x), -1, 8)
+    odd = (sign < 0).sum(2, keepdim=True) % 2 == 1
+    cheapest = (weight * x * x).reshape(sign.shape).argmin(2, keepdim=True)
+    flip = odd & (torch.arange(8) == cheapest)
+    return torch.where(flip, -sign, sign).reshape(x.shape)
+
+
+def entry_costs(magnitude: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, grid: torch.Tensor):
+    """(Σ weight (magnitude − scale·g)² − Σ weight·magnitude²) / scale, for each vector (N, dim) and codebook entry
+    g: (N, G), in one matmul (the search's cost: this is most of it)."""
+    return torch.cat([scale[:, None] * weight, -2 * weight * magnitude], 1) @ torch.cat([grid.square(), grid], 1).T
+
+
+def fit_vector_scale(x: torch.Tensor, weight: torch.Tensor, type_name: str, steps: int = 9):
+    """Per row of x (R, n): the scale s minimizing Σ weight (x − s·sign·g)², each vector of x at its nearest codebook
+    entry g, the signs those of x (`even_signs`). Candidates map the row's largest |x| to the codebook's largest
+    value moved by up to ±`steps` tenths of its smallest step (llama.cpp's `quantize_row_iq2_xs`); for each, the
+    entries are found and s re-fitted by weighted least squares. Returns s and Σ weight·g² (what its error costs)."""
+    grid = grid_table(type_name)
+    levels = torch.tensor(TYPES[type_name].levels, dtype=torch.float32)
+    rows, dim = len(x), grid.shape[1]
+    target = (x * even_signs(x, weight)).reshape(-1, dim)  # >= 0 but where a sign was flipped
+    vector_weight = weight.reshape(-1, dim)
+    top = x.abs().amax(1)
+    step = 0.1 * float((levels[1:] - levels[:-1]).min())
+    best_gain, scale, cost = torch.full((rows,), -1.0), torch.zeros(rows), torch.zeros(rows)
+    for t in range(-steps, steps + 1):
+        candidate = (top / (levels[-1] + step * t)).repeat_interleave(x.shape[1] // dim)
+        g = grid[entry_costs(target, vector_weight, candidate, grid).argmin(1)]
+        sumlx = (vector_weight * target * g).reshape(rows, -1).sum(1)
+        suml2 = (vector_weight * g * g).reshape(rows, -1).sum(1).clamp(min=1e-30)
+        gain = sumlx.clamp(min=0) ** 2 / suml2
+        better = gain > best_gain
+        best_gain = torch.where(better, gain, best_gain)
+        scale = torch.where(better, sumlx.clamp(min=0) / suml2, scale)
+        cost = torch.where(better, suml2, cost)
+    return scale, cost
+
+
 @dataclass
 class GGML(ErrorFeedback):
     """GPTQ (LDLQ without act-order) on a GGML type's grid, with the scales chosen for the least Hessian-weighted
@@ -94,12 +155,15 @@ class GGML(ErrorFeedback):
 
     type: str = "Q4_K"
     """The GGML type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32), Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (super-blocks of
-    256), IQ4_NL (32), IQ4_XS (256). A weight whose rows are not a multiple of 256 takes llama.cpp's 32-wide fallback
-    (Q4_K → Q5_0, Q2_K/Q3_K → Q4_0, ...), with a warning."""
+    256), IQ2_XS, IQ3_XXS (lattice codebooks, 256), IQ4_NL (32), IQ4_XS (256). A weight whose rows are not a multiple
+    of 256 takes llama.cpp's 32-wide fallback (Q4_K → Q5_0, Q2_K/Q3_K → Q4_0, IQ2_XS → IQ4_NL, ...), with a warning."""
 
     def __post_init__(self):
         if self.type not in TYPES:
             raise LqtkError(f"unknown GGML type {self.type!r}: choose one of {', '.join(TYPES)}")
+        if self.block_size % self.vector_size:
+            raise LqtkError(f"{self.type} rounds {self.vector_size} columns at a time: block_size must be a multiple "
+                            f"of {self.vector_size}, not {self.block_size}")
 
     @property
     def kind(self) -> BlockType:
@@ -108,6 +172,10 @@ class GGML(ErrorFeedback):
     @property
     def group_size(self) -> int:
         return self.kind.block
+
+    @property
+    def vector_size(self) -> int:
+        return 8 if self.kind.vectors else 1
 
     @property
     def bits(self) -> int:
@@ -148,7 +216,10 @@ class GGML(ErrorFeedback):
         weight = importance.float().clamp(min=0).reshape(1, subs, kind.sub).expand(rows, subs, kind.sub)
         weight = weight.reshape(rows * subs, kind.sub) + 1e-12 * importance.abs().max().clamp(min=1)  # all-zero: even
         levels, _ = level_table(kind.name)
-        if kind.minimum is None:
+        if kind.vectors:
+            scale, scale_weight = fit_vector_scale(x, weight, kind.name)
+            offset, scale_weight = None, scale_weight.reshape(rows, subs)
+        elif kind.minimum is None:
             scale, offset = fit_scale(x, weight, levels), None
         else:
             scale, offset = fit_scale_min(x, weight, int(levels[-1]), kind.minimum == "-dmin")
@@ -158,8 +229,9 @@ class GGML(ErrorFeedback):
             if offset is not None:
                 halves["m"] = offset
         else:
-            at_level = levels[nearest(torch.where(scale[:, None] != 0, x / scale[:, None], 0), levels)]
-            scale_weight = (weight * at_level.square()).sum(1).reshape(rows, subs)
+            if not kind.vectors:
+                at_level = levels[nearest(torch.where(scale[:, None] != 0, x / scale[:, None], 0), levels)]
+                scale_weight = (weight * at_level.square()).sum(1).reshape(rows, subs)
             halves["d"], codes["scales"] = self.quantize_scales(scale.reshape(rows, subs), scale_weight)
             if offset is not None:
                 halves["dmin"], codes["mins"] = self.quantize_scales(-offset.reshape(rows, subs),
@@ -168,12 +240,21 @@ class GGML(ErrorFeedback):
         sub_scale, sub_offset = kind.sub_scales(halves, codes)
         sub_offset = torch.zeros(rows, subs) if sub_offset is None else sub_offset
         return (sub_scale.expand(rows, subs), sub_offset.expand(rows, subs), *(halves[name] for name in kind.halves),
-                *(codes[name] for name in kind.codes if name != "q"))
+                *(codes[name] for name in self.scale_fields))
+
+    @property
+    def scale_fields(self) -> list[str]:
+        """The type's integer fields per sub-block (scale and min codes), in its order."""
+        return [name for name in self.kind.codes if name in ("scales", "mins")]
 
     def quantize_scales(self, scales: torch.Tensor, weight: torch.Tensor):
         """A super-block's sub-block scales (O, S) as the type stores them: an fp16 d and integer codes, d chosen by
         the same weighted search (each scale weighted by how much its error costs)."""
         bits = self.kind.code_bits["scales"]
+        if self.kind.scale_codes == "odd":
+            levels = (0.5 + torch.arange(2**bits, dtype=torch.float32)) * self.kind.scale_factor
+            d = fit_scale(scales, weight, levels).half().float()
+            return d, nearest(torch.where(d[:, None] != 0, scales / d[:, None], 0), levels)
         low = -(2 ** (bits - 1)) if self.kind.scale_codes == "signed" else 0
         levels = torch.arange(low, low + 2**bits, dtype=torch.float32)
         d = fit_scale(scales, weight, levels).half().float()
@@ -189,14 +270,55 @@ class GGML(ErrorFeedback):
         value = scale * levels[pick]
         return codes[pick], value if self.kind.minimum is None else value + offset
 
+    def round_vector_to_grid(self, columns, grid, index, weight):
+        """Columns (8, O) from `index` of a block, with their error weights (8,): each row's 8 weights as the
+        codebook entries and signs of least weighted error under the stored sub-block scale. Every entry is tried;
+        where x has an odd count of minus signs, one sign must flip: the cheapest flip (4·w·|x|·g·s) is added to each
+        entry's cost, and for two 4-wide entries (IQ3_XXS) the half where flipping costs least takes it. Returns
+        codes (level index · 2 + minus) and the decoded values, (8, O) each."""
+        scale = grid[0][:, index // self.kind.sub]
+        table = grid_table(self.kind.name)
+        rows, dim = columns.shape[1], table.shape[1]
+        halves = 8 // dim
+        x = columns.T.reshape(rows, halves, dim)
+        magnitude, negative, weight = x.abs(), x < 0, weight.reshape(halves, dim)
+        plain = torch.stack([entry_costs(magnitude[:, h], weight[h].expand(rows, dim), scale, table)
+                             for h in range(halves)], 1)  # (O, halves, G)
+        best_plain, entry = plain.min(2)
+        odd = negative.reshape(rows, 8).sum(1) % 2 == 1
+        # the rows that must flip a sign: per unit of scale, as `plain`
+        flip_cost = 4 * (weight[:, None] * table)[None] * magnitude[odd][:, :, None]
+        best_flipped, flipped_entry = (plain[odd] + flip_cost.amin(3)).min(2)
+        flip_half = torch.zeros(rows, halves, dtype=torch.bool)
+        flip_half[odd] = torch.arange(halves) == (best_flipped - best_plain[odd]).argmin(1, keepdim=True)
+        entry[odd] = torch.where(flip_half[odd], flipped_entry, entry[odd])
+        g = table[entry]  # (O, halves, dim)
+        flip_at = flip_half[..., None] & (torch.arange(dim) == (weight * magnitude * g).argmin(2, keepdim=True))
+        minus = (negative ^ flip_at).reshape(rows, 8)
+        value = scale[:, None] * g.reshape(rows, 8) * torch.where(minus, -1.0, 1.0)
+        level = grid_levels(self.kind.name)[0][entry].reshape(rows, 8)
+        return (2 * level + minus).T.to(torch.uint8), value.T
+
+    def vector_fields(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-weight codes of whole blocks (N, block) -> the `grid` entry of each vector and the `signs` code of each
+        run of 8 (its 7 first minus bits)."""
+        index, entry = grid_levels(self.kind.name)
+        level, minus = (codes >> 1).long(), (codes & 1).long()
+        dim = index.shape[1]
+        base = len(self.kind.levels) ** torch.arange(dim)
+        grid = entry[(level.reshape(len(codes), -1, dim) * base).sum(2)]
+        signs = (minus.reshape(len(codes), -1, 8)[..., :7] << torch.arange(7)).sum(2)
+        return {"grid": grid, "signs": signs}
+
     def pack_grids(self, method, codes, grids):
         kind = self.kind
         rows, columns = codes.shape
-        names = [*kind.halves, *(name for name in kind.codes if name != "q")]
+        names = [*kind.halves, *self.scale_fields]
         fields = {name: torch.stack([grid[2 + i] for grid in grids], 1) for i, name in enumerate(names)}
         blocks = rows * len(grids)  # row-major: a row's blocks in order
+        weight_codes = codes.reshape(blocks, kind.block)
         packed = kind.pack({name: fields[name].reshape(blocks) for name in kind.halves},
-                           {"q": codes.reshape(blocks, kind.block),
-                            **{name: fields[name].reshape(blocks, -1) for name in names if name not in kind.halves}})
+                           {**(self.vector_fields(weight_codes) if kind.vectors else {"q": weight_codes}),
+                            **{name: fields[name].reshape(blocks, -1) for name in self.scale_fields}})
         return QuantizedWeight(method, GGMLFormat.name, {"type": kind.name, "shape": [rows, columns]},
                                {"blocks": packed.reshape(rows, -1)})

@@ -55,7 +55,11 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, damp_increment:
 class ErrorFeedback(WeightQuantizer):
     """GPTQ's walk over the columns, on the grid a subclass brings: `column_importance`, `fit_grid`,
     `round_to_grid` and `pack_grids` (`AffineQuantizer`'s are the reference), and `group_size`, the input columns
-    that share a grid."""
+    that share a grid. A grid of vectors (`vector_size` > 1 consecutive columns rounded together,
+    `round_vector_to_grid`) is walked a vector at a time, as QuIP#'s block LDLQ: the vector is rounded from the
+    weights updated by every column before it, then each of its columns' errors is fed forward."""
+
+    vector_size = 1
 
     act_order: bool = True
     """Quantize columns by decreasing Hessian diagonal (the most sensitive inputs first)."""
@@ -117,12 +121,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: ErrorFeed
         return _gptq_loop(weight, hessian, config, threads)
 
 
+def walk_order(diagonal: torch.Tensor, act_order: bool, vector_size: int) -> torch.Tensor:
+    """The columns in walk order: by decreasing Hessian diagonal with act-order (whole vectors of `vector_size`
+    columns by their sum, each vector's columns in order), else in order."""
+    if not act_order:
+        return torch.arange(len(diagonal))
+    if vector_size == 1:
+        return torch.argsort(diagonal, descending=True)
+    vectors = torch.argsort(diagonal.reshape(-1, vector_size).sum(1), descending=True)
+    return (vectors[:, None] * vector_size + torch.arange(vector_size)).reshape(-1)
+
+
 def _gptq_loop(weight: torch.Tensor, hessian: torch.Tensor, config: ErrorFeedback, grid_threads: int):
     out_features, in_features = weight.shape
     diagonal = hessian.diagonal().float()
     dead = diagonal == 0  # inputs that were always zero: any value is exact, make them 0
-    perm = torch.argsort(diagonal.masked_fill(dead, 1), descending=True) if config.act_order else \
-        torch.arange(in_features)
+    perm = walk_order(diagonal.masked_fill(dead, 1), config.act_order, config.vector_size)
     W, H, dead = weight.float()[:, perm], hessian.float()[perm[:, None], perm], dead[perm]  # copies, walk order
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -152,7 +166,14 @@ def _gptq_loop(weight: torch.Tensor, hessian: torch.Tensor, config: ErrorFeedbac
                 group = W[:, cols] - Err1[:i].T @ U[i1:j, cols]
                 with cpu_threads(grid_threads):
                     grids[g] = config.fit_grid(group, importance[start:end])
-            q, value = config.round_to_grid(W1[i], grids[g], original[j] - bounds[g][0])
+            if config.vector_size == 1:
+                q, value = config.round_to_grid(W1[i], grids[g], original[j] - bounds[g][0])
+            else:
+                if j % config.vector_size == 0:  # a vector's first column: round the whole vector
+                    vector = slice(i, i + config.vector_size)
+                    vector_codes, vector_values = config.round_vector_to_grid(
+                        W1[vector], grids[g], original[j] - bounds[g][0], U.diagonal()[i1:i2][vector] ** -2)
+                q, value = vector_codes[j % config.vector_size], vector_values[j % config.vector_size]
             codes[j] = q
             err = (W1[i] - value) / U[j, j]
             W1[i:] -= U[j, j:i2, None] * err
