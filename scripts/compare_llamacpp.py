@@ -29,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 SDIST = "llama-cpp-python==0.3.36"
 TOOLS = ["llama-perplexity", "llama-imatrix", "llama-quantize", "llama-bench"]
 RECIPES = {"Q4_K_M": "gguf-q4_k_m", "Q3_K_M": "gguf-q3_k_m", "Q2_K": "gguf-q2_k", "IQ4_XS": "gguf-iq4_xs",
-           "IQ3_XXS": "gguf-iq3_xxs", "IQ2_XS": "gguf-iq2_xs"}
+           "IQ3_XXS": "gguf-iq3_xxs", "IQ2_XS": "gguf-iq2_xs", "Q2_K-mix": "gguf-q2_k-mix"}
+"""lqtk's recipe for each entry; an entry `TYPE-mix` is lqtk's own choice of tensor types in the size of llama.cpp's
+TYPE file, compared with that file."""
 THREADS = "2"
 
 
@@ -189,10 +191,17 @@ def main() -> None:
     evaluation = Path(opts.text) if opts.text else evaluation
     matrix = imatrix(bin_dir, cache, f32, calibration)
     fp = perplexity(bin_dir, f32, evaluation)
-    records = []
+    records, by_file = [], {}
+
+    def measured(file: Path, measure) -> dict:  # llama.cpp's Q2_K file judges both Q2_K and Q2_K-mix: measured once
+        if file not in by_file:
+            by_file[file] = measure()
+        return dict(by_file[file])
+
     for type_name in opts.types:
-        files = {"llama.cpp": llama_file(bin_dir, cache, f32, matrix, type_name), "lqtk": lqtk_file(type_name)}
-        records.append({"type": type_name, **{who: perplexity(bin_dir, file, evaluation)
+        files = {"llama.cpp": llama_file(bin_dir, cache, f32, matrix, type_name.split("-")[0]),
+                 "lqtk": lqtk_file(type_name)}
+        records.append({"type": type_name, **{who: measured(file, lambda: perplexity(bin_dir, file, evaluation))
                                               for who, file in files.items()}})
     for record in records:  # speed after all perplexities: the files of a type measured by turns
         files = [Path(record[who]["file"]) for who in ("llama.cpp", "lqtk")]

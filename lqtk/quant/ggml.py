@@ -217,8 +217,7 @@ class GGML(ErrorFeedback):
         weight = weight.reshape(rows * subs, kind.sub) + 1e-12 * importance.abs().max().clamp(min=1)  # all-zero: even
         levels, _ = level_table(kind.name)
         if kind.vectors:
-            scale, scale_weight = fit_vector_scale(x, weight, kind.name)
-            offset, scale_weight = None, scale_weight.reshape(rows, subs)
+            (scale, scale_weight), offset = fit_vector_scale(x, weight, kind.name), None
         elif kind.minimum is None:
             scale, offset = fit_scale(x, weight, levels), None
         else:
@@ -229,10 +228,11 @@ class GGML(ErrorFeedback):
             if offset is not None:
                 halves["m"] = offset
         else:
-            if not kind.vectors:
+            if not kind.vectors:  # what a scale's error costs: Σ weight·level² of its sub-block
                 at_level = levels[nearest(torch.where(scale[:, None] != 0, x / scale[:, None], 0), levels)]
-                scale_weight = (weight * at_level.square()).sum(1).reshape(rows, subs)
-            halves["d"], codes["scales"] = self.quantize_scales(scale.reshape(rows, subs), scale_weight)
+                scale_weight = (weight * at_level.square()).sum(1)
+            halves["d"], codes["scales"] = self.quantize_scales(scale.reshape(rows, subs),
+                                                                scale_weight.reshape(rows, subs))
             if offset is not None:
                 halves["dmin"], codes["mins"] = self.quantize_scales(-offset.reshape(rows, subs),
                                                                      weight.sum(1).reshape(rows, subs))
