@@ -32,3 +32,21 @@ def deep_model(tmp_path_factory):
 def isolated_cache(tmp_path_factory):
     """Reference models built by the tests go to a throwaway cache, not the user's."""
     os.environ.setdefault("LQTK_CACHE", str(tmp_path_factory.mktemp("lqtk-cache")))
+
+
+@pytest.fixture(scope="session")
+def debug_run(corpus, tmp_path_factory) -> Path:
+    """The debug recipe (GPTQ w4 on the tiny model, its Hessians kept) run to the end by the `lqtk` command on the
+    test corpus, its stdout and stderr in one file, run.log beside the run folder. One run that tests only read:
+    test_cli checks the run and its export, test_console its log, test_requantize re-quantizes from its Hessians."""
+    import subprocess
+
+    from helpers import LQTK, recipe_args
+
+    run_dir = tmp_path_factory.mktemp("debug") / "run"
+    log = run_dir.parent / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.run([*LQTK, *recipe_args(corpus, run_dir)], cwd=run_dir.parent, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=600)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return run_dir

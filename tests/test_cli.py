@@ -6,17 +6,9 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
-from helpers import DEBUG_RECIPE, REPO, corpus_args, fails_with, recipe_args, run_lqtk
+from helpers import DEBUG_RECIPE, REPO, corpus_args, fails_with, recipe_args
 from lqtk.cli import COMMANDS, main
 from lqtk.reference_models import build_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def debug_run(corpus, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("debug") / "run"
-    proc = run_lqtk(*recipe_args(corpus, run_dir), cwd=run_dir.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
 
 
 @pytest.mark.slow
@@ -40,9 +32,8 @@ def test_debug_recipe_exports_a_verified_model_with_metrics(debug_run):
 @pytest.mark.slow
 def test_evaluate_reproduces_the_phase_perplexity(debug_run, corpus, tmp_path):
     out = tmp_path / "eval.json"
-    proc = run_lqtk("evaluate", "--model", str(debug_run / "model"), "--text", str(corpus["evaluation"]),
-                    "--seq-len", "64", "--output", str(out), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main(["evaluate", "--model", str(debug_run / "model"), "--text", str(corpus["evaluation"]), "--seq-len", "64",
+          "--output", str(out)])
     result, metrics = json.loads(out.read_text()), json.loads((debug_run / "metrics.json").read_text())
     assert set(result) >= {"perplexity", "tokens", "seq_len", "bos", "bits_per_weight"}
     assert result["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-5)
@@ -117,11 +108,10 @@ def test_empty_corpus_is_refused(corpus, tmp_path, capsys):
                "corpus is empty")
 
 
-@pytest.mark.slow
-def test_evaluate_refuses_missing_model(tmp_path):
-    proc = run_lqtk("evaluate", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "x.json"),
-                    cwd=tmp_path)
-    assert proc.returncode != 0 and "does not exist" in proc.stderr and not (tmp_path / "x.json").exists()
+def test_evaluate_refuses_missing_model(tmp_path, capsys):
+    fails_with(capsys, ["evaluate", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "x.json")],
+               "does not exist")
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_help_lists_every_command_and_only_those(capsys):
@@ -160,15 +150,18 @@ def test_plain_transformers_loads_the_export_after_import_lqtk(debug_run):
 
 
 @pytest.mark.slow
-def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
+def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path, capsys, monkeypatch):
+    """The sweep itself runs in-process (its phases and evaluations are still `lqtk` subprocesses): what it prints
+    is its own, the subprocesses' lines go elsewhere."""
+    monkeypatch.chdir(tmp_path)
     mixed = tmp_path / "mixed-tiny.yaml"  # a copy, changed at the end
     mixed.write_text((REPO / "configs" / "debug" / "mixed-tiny.yaml").read_text())
     args = ["sweep", DEBUG_RECIPE, f"{DEBUG_RECIPE}+{mixed}", "--root", str(tmp_path), "--tasks", "last_word",
             "--task-items", "10", *corpus_args(corpus)]
-    first = run_lqtk(*args, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("gptq-tiny → ") == 1  # the chain's calibration is the first entry's run
-    assert first.stdout.count("zero-shot tasks of") == 3  # each export and the fp model
+    main(args)
+    first = capsys.readouterr().out
+    assert first.count("gptq-tiny → ") == 1  # the chain's calibration is the first entry's run
+    assert first.count("zero-shot tasks of") == 3  # each export and the fp model
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     results = sweep["runs"]
     assert [(r["name"], r["run_dir"]) for r in results] == [
@@ -180,18 +173,19 @@ def test_sweep_runs_each_recipe_once_and_gathers_its_metrics(corpus, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| fp | tiny-llama | 32 |" in report and "| gptq | gptq-tiny |" in report and "| mixed gptq |" in report
     assert (tmp_path / "pareto.png").is_file()
-    again = run_lqtk(*args, cwd=tmp_path)  # finished runs and scores are not redone
-    assert again.returncode == 0 and "→" not in again.stdout and "zero-shot" not in again.stdout, again.stderr[-3000:]
+    main(args)  # finished runs and scores are not redone
+    again = capsys.readouterr().out
+    assert "lqtk sweep: 2 runs" in again and "→" not in again and "zero-shot" not in again, again
     assert json.loads((tmp_path / "sweep.json").read_text()) == sweep
     # nor when the root and chain are spelled relative to the working folder
-    relative = run_lqtk("sweep", DEBUG_RECIPE, f"{DEBUG_RECIPE}+{mixed.name}", "--root", ".", *args[5:], cwd=tmp_path)
-    assert relative.returncode == 0 and "→" not in relative.stdout and "zero-shot" not in relative.stdout, \
-        relative.stderr[-3000:]
+    main(["sweep", DEBUG_RECIPE, f"{DEBUG_RECIPE}+{mixed.name}", "--root", ".", *args[5:]])
+    relative = capsys.readouterr().out
+    assert "lqtk sweep: 2 runs" in relative and "→" not in relative and "zero-shot" not in relative, relative
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["metrics"] for r in sweep["runs"]] == [r["metrics"] for r in results]
     mixed.write_text(mixed.read_text().replace("budget_bits: 3.5", "budget_bits: 3.0"))
-    changed = run_lqtk(*args, cwd=tmp_path)  # the finished run is not passed off as the changed recipe's
-    assert changed.returncode != 0 and "was made from another recipe" in changed.stderr, changed.stderr[-3000:]
+    # the finished run is not passed off as the changed recipe's
+    fails_with(capsys, args, "was made from another recipe")
     assert json.loads((tmp_path / "sweep.json").read_text()) == sweep
 
 

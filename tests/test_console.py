@@ -3,7 +3,6 @@ of the libraries' lines that do not apply to lqtk (lqtk.console.quiet)."""
 
 import json
 import re
-import subprocess
 import time
 from types import SimpleNamespace
 
@@ -17,25 +16,10 @@ NOISE = ("GPU available", "TPU available", "💡 Tip", "will override existing c
          "Loading weights", "LightningCLI's args parameter")
 
 
-@pytest.fixture(scope="module")
-def logged_run(corpus, tmp_path_factory):
-    """The debug recipe (no evaluation), run by the `lqtk` command with stdout and stderr in one file."""
-    from helpers import LQTK, recipe_args
-
-    run_dir = tmp_path_factory.mktemp("logged") / "run"
-    args = recipe_args(corpus, run_dir, "--export.evaluate", "false")
-    log = run_dir.parent / "run.log"
-    with log.open("w") as out:
-        proc = subprocess.run([*LQTK, *args], cwd=run_dir.parent, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=600)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-3000:]
-    return run_dir, text
-
-
 @pytest.mark.slow
-def test_a_logged_run_has_one_plain_line_per_block_and_no_noise(logged_run):
-    run_dir, text = logged_run
+def test_a_logged_run_has_one_plain_line_per_block_and_no_noise(debug_run):
+    """The debug recipe run by the `lqtk` command with stdout and stderr in one file (conftest's debug_run)."""
+    run_dir, text = debug_run, (debug_run.parent / "run.log").read_text()
     assert "\x1b[" not in text and "\r" not in text  # no rich frame, no tqdm bar
     blocks = json.loads((run_dir / "model" / "config.json").read_text())["num_hidden_layers"]
     lines = re.findall(r"^\[\d\d:\d\d:\d\d\] calibrate block (\d+)/(\d+) · done in ", text, re.MULTILINE)

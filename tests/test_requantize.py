@@ -57,12 +57,9 @@ def test_output_fisher_is_the_mean_squared_loss_gradient_of_each_output():
 
 
 @pytest.fixture(scope="module")
-def calibrated(corpus, tmp_path_factory):
-    """A GPTQ calibration of the tiny model that kept its Hessians."""
-    run_dir = tmp_path_factory.mktemp("requantize") / "gptq"
-    proc = run_lqtk(*recipe_args(corpus, run_dir), cwd=run_dir.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+def calibrated(debug_run):
+    """A GPTQ calibration of the tiny model that kept its Hessians (the debug recipe's run, shared)."""
+    return debug_run
 
 
 def requantize(corpus, calibrated, run_dir, *extra):
