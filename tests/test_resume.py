@@ -7,6 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import QUICK, REPO, kill_at_random_moment, recipe_args, run_lqtk
+from lqtk.cli import main
 
 DEBUG = REPO / "configs" / "debug"
 
@@ -16,12 +17,17 @@ def walk_args(corpus, run_dir, recipe, *extra):
                        "--export.evaluate", "false", *extra, recipe=str(recipe))
 
 
-def kill_then_resume_matches(args, tmp_path):
-    """Run `args(run_dir, *extra)` to the end; run it again, SIGKILL it at a random moment after its first
-    checkpoint, resume with --ckpt_path last; the two exports must be bit-identical."""
-    reference = tmp_path / "reference"
-    proc = run_lqtk(*args(reference), cwd=tmp_path)
+def finished(args, run_dir, tmp_path):
+    proc = run_lqtk(*args(run_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def kill_then_resume_matches(args, tmp_path, reference=None):
+    """Run `args(run_dir, *extra)` to the end (unless `reference` is that run, finished); run it again, SIGKILL it at
+    a random moment after its first checkpoint, resume with --ckpt_path last; the two exports must be
+    bit-identical."""
+    reference = reference or finished(args, tmp_path / "reference", tmp_path)
     killed = tmp_path / "killed"
     run_time = json.loads((reference / "metrics.json").read_text())["quantize_time_s"]
     kill_at_random_moment(args(killed), killed, run_time, tmp_path)
@@ -34,31 +40,38 @@ def kill_then_resume_matches(args, tmp_path):
     assert all((expected[k] == resumed[k]).all() for k in expected)
 
 
+def calibration_args(corpus, deep_model, recipe):
+    return lambda run_dir, *extra: walk_args(corpus, run_dir, DEBUG / f"{recipe}.yaml", "--model.init_args.model",
+                                             str(deep_model), *QUICK[recipe], *extra)
+
+
+@pytest.fixture(scope="module")
+def gptq_run(corpus, deep_model, tmp_path_factory):
+    """The uninterrupted gptq-tiny calibration of the deep model: the reference of its kill test, and the
+    calibration (with its Hessians) that the re-quantization test starts from."""
+    root = tmp_path_factory.mktemp("gptq")
+    return finished(calibration_args(corpus, deep_model, "gptq-tiny"), root / "reference", root)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["gptq-tiny", "quip-tiny", "gptq-w4a8-tiny", "aqlm-tiny"])
-def test_calibration_killed_then_resumed_gives_identical_export(recipe, corpus, deep_model, tmp_path):
-    kill_then_resume_matches(lambda run_dir, *extra: walk_args(
-        corpus, run_dir, DEBUG / f"{recipe}.yaml", "--model.init_args.model", str(deep_model), *QUICK[recipe],
-        *extra), tmp_path)
+def test_calibration_killed_then_resumed_gives_identical_export(recipe, corpus, deep_model, tmp_path, request):
+    reference = request.getfixturevalue("gptq_run") if recipe == "gptq-tiny" else None
+    kill_then_resume_matches(calibration_args(corpus, deep_model, recipe), tmp_path, reference)
 
 
 @pytest.mark.slow
 def test_block_finetune_killed_then_resumed_gives_identical_export(corpus, deep_model, tmp_path):
-    quantized = tmp_path / "quantized"
-    proc = run_lqtk(*walk_args(corpus, quantized, DEBUG / "gptq-tiny.yaml", "--model.init_args.model",
-                               str(deep_model), "--model.init_args.quantizer.init_args.bits", "2"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    quantized = tmp_path / "quantized"  # in-process: the input of both fine-tuning runs
+    main(walk_args(corpus, quantized, DEBUG / "gptq-tiny.yaml", "--model.init_args.model", str(deep_model),
+                   "--model.init_args.quantizer.init_args.bits", "2"))
     kill_then_resume_matches(lambda run_dir, *extra: walk_args(
         corpus, run_dir, DEBUG / "aqlm-tiny-ft.yaml", "--model.init_args.model", str(quantized / "model"),
         "--model.init_args.fp_model", str(deep_model), "--model.init_args.tuning.max_steps", "10", *extra), tmp_path)
 
 
 @pytest.mark.slow
-def test_requantize_killed_then_resumed_gives_identical_export(corpus, deep_model, tmp_path):
-    calibrated = tmp_path / "calibrated"
-    proc = run_lqtk(*walk_args(corpus, calibrated, DEBUG / "gptq-tiny.yaml", "--model.init_args.model",
-                               str(deep_model)), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_requantize_killed_then_resumed_gives_identical_export(corpus, deep_model, gptq_run, tmp_path):
     kill_then_resume_matches(lambda run_dir, *extra: walk_args(
-        corpus, run_dir, DEBUG / "mixed-tiny.yaml", "--model.init_args.model", str(calibrated / "model"),
+        corpus, run_dir, DEBUG / "mixed-tiny.yaml", "--model.init_args.model", str(gptq_run / "model"),
         "--model.init_args.fp_model", str(deep_model), *extra), tmp_path)
