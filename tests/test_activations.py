@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import REPO, outlier_inputs, recipe_args, run_lqtk
+from helpers import REPO, outlier_inputs, recipe_args
+from lqtk.cli import main
 from lqtk.errors import LqtkError
 from lqtk.formats import FORMATS
 from lqtk.formats.act_quant import fake_quantize_input, fake_quantize_tokens, quantize_tokens
@@ -94,11 +95,9 @@ def test_w4a8_walk_with_token_pruning_exports_reloads_and_evaluates(corpus, tmp_
     """calibrate → export (reload-and-compare check) → evaluate, with the inputs quantized in every forward; the
     export records its token pruning, so `lqtk evaluate` scores the same positions as the phase's evaluation."""
     run_dir = tmp_path / "run"
-    proc = run_lqtk(*recipe_args(corpus, run_dir, "--trainer.enable_progress_bar", "false",
-                                 "--model.init_args.token_pruning.start_layer", "1",
-                                 "--model.init_args.token_pruning.keep_ratio", "0.5",
-                                 recipe=RECIPE), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main(recipe_args(corpus, run_dir, "--trainer.enable_progress_bar", "false",
+                     "--model.init_args.token_pruning.start_layer", "1", "--model.init_args.token_pruning.keep_ratio",
+                     "0.5", recipe=RECIPE))  # in-process, as the evaluation below: no check needs a process
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["method"] == "agile_quant_a8"
     assert 1 < metrics["perplexity"] < 2 * metrics["fp_perplexity"]
@@ -110,9 +109,8 @@ def test_w4a8_walk_with_token_pruning_exports_reloads_and_evaluates(corpus, tmp_
     quantization = json.loads((run_dir / "model" / "config.json").read_text())["quantization_config"]
     assert {layer["format"] for layer in quantization["layers"].values()} == {"act_quant"}
     assert quantization["token_pruning"] == {"start_layer": 1, "keep_ratio": 0.5, "recent": 16}
-    proc = run_lqtk("evaluate", "--model", str(run_dir / "model"), "--text", str(corpus["evaluation"]),
-                    "--seq-len", "64", "--output", str(tmp_path / "eval.json"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main(["evaluate", "--model", str(run_dir / "model"), "--text", str(corpus["evaluation"]), "--seq-len", "64",
+          "--output", str(tmp_path / "eval.json")])
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert evaluation["tokens"] == metrics["tokens"]
     assert math.isclose(evaluation["perplexity"], metrics["perplexity"], rel_tol=1e-5)

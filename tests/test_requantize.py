@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, fails_with, recipe_args, run_lqtk
+from helpers import REPO, fails_with, recipe_args
+from lqtk.cli import main
 from lqtk.models import load_causal_lm, prepare_model
 from lqtk.phases.hessian_cache import group_files, load_group
 from lqtk.quant.allocation import allocate, output_error, output_fisher
@@ -63,9 +64,8 @@ def calibrated(debug_run):
 
 
 def requantize(corpus, calibrated, run_dir, *extra):
-    proc = run_lqtk(*recipe_args(corpus, run_dir, "--model.init_args.model", str(calibrated / "model"), *extra,
-                                 recipe=MIXED), cwd=run_dir.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """The re-quantization phase on `calibrated`'s export and Hessians, in-process (it needs no process of its own)."""
+    main(recipe_args(corpus, run_dir, "--model.init_args.model", str(calibrated / "model"), *extra, recipe=MIXED))
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -125,9 +125,8 @@ def test_requantize_refuses_bad_input_with_one_clear_message(corpus, calibrated,
 
 @pytest.mark.slow
 def test_mixed_calibration_quantizes_the_allocation_sequentially(corpus, calibrated, mixed, tmp_path, capsys):
-    proc = run_lqtk(*recipe_args(corpus, tmp_path / "seq", "--model.init_args.model", str(mixed[0] / "model"),
-                                 recipe=str(DEBUG / "mixed-tiny-seq.yaml")), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main(recipe_args(corpus, tmp_path / "seq", "--model.init_args.model", str(mixed[0] / "model"),
+                     recipe=str(DEBUG / "mixed-tiny-seq.yaml")))
     layers = [json.loads((run / "model" / "config.json").read_text())["quantization_config"]["layers"]
               for run in (mixed[0], tmp_path / "seq")]
     assert layers[0] == layers[1]  # the same choice per layer, hence the same bits
