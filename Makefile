@@ -23,12 +23,13 @@ quickstart: install
 	$(BIN)/lqtk fit --config configs/smollm2-135m/gptq-w4g128.yaml --trainer.default_root_dir runs/quickstart --overwrite true
 	$(BIN)/python scripts/show_metrics.py runs/quickstart/metrics.json
 
+# Two workers: most tests wait on a CLI subprocess's imports, so two share the 2 cores well.
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 # The fast lane: every test but those marked `slow` (end-to-end runs of several seconds each); `make test` runs all.
 test-unit: install
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=10
 
 lint: install
 	$(BIN)/ruff check lqtk tests scripts
