@@ -91,15 +91,19 @@ def fit_scale_min(x: torch.Tensor, weight: torch.Tensor, top: int, nonpositive: 
     return scale.gather(0, best)[0], offset.gather(0, best)[0]
 
 
+def level_key(index: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Runs of level indices (..., dim) read as numbers in base len(levels): one key per run."""
+    return (index * len(TYPES[type_name].levels) ** torch.arange(index.shape[-1])).sum(-1)
+
+
 @functools.cache
 def grid_levels(type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """An i-quant codebook as indices into the type's levels, (entries, dim), and the inverse: the entry of each
-    run of level indices (read as a number in base len(levels)), −1 where the codebook has none."""
+    run of level indices by its `level_key`, −1 where the codebook has none."""
     levels = torch.tensor(TYPES[type_name].levels, dtype=torch.float32)
     index = torch.searchsorted(levels, grid_table(type_name).contiguous())
-    base = len(levels) ** torch.arange(index.shape[1])
     entry = torch.full((len(levels) ** index.shape[1],), -1, dtype=torch.long)
-    entry[(index * base).sum(1)] = torch.arange(len(index))
+    entry[level_key(index, type_name)] = torch.arange(len(index))
     return index, entry
 
 
@@ -304,9 +308,7 @@ class GGML(ErrorFeedback):
         run of 8 (its 7 first minus bits)."""
         index, entry = grid_levels(self.kind.name)
         level, minus = (codes >> 1).long(), (codes & 1).long()
-        dim = index.shape[1]
-        base = len(self.kind.levels) ** torch.arange(dim)
-        grid = entry[(level.reshape(len(codes), -1, dim) * base).sum(2)]
+        grid = entry[level_key(level.reshape(len(codes), -1, index.shape[1]), self.kind.name)]
         signs = (minus.reshape(len(codes), -1, 8)[..., :7] << torch.arange(7)).sum(2)
         return {"grid": grid, "signs": signs}
 
