@@ -7,6 +7,10 @@ import pytest
 # runs): the kernels' tests run in its interpreter on the CPU; TRITON_INTERPRET=0 runs them compiled on a GPU.
 # Importing lqtk imports Triton: hence the imports of lqtk (and of helpers, which imports it) inside the fixtures.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Two pytest workers share the cores, and many tests start lqtk processes of their own (several, for the distributed
+# ones): with one intra-op thread each, they take turns instead of spinning against each other (OpenMP's threads
+# busy-wait). Every compared run gets the same setting; tests of threading set their own count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,8 @@ def tune_block(block: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor,
     optimizer = torch.optim.Adam(params, lr=tuning.lr, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(tuning.seed * 100_003 + block_index)
     best = before = held_out_error(block, held_out)
-    best_state, step, stale = [p.detach().clone() for p in params], 0, 0
+    start_state = best_state = [p.detach().clone() for p in params]
+    step, stale = 0, 0
     try:
         with torch.enable_grad():
             while step < tuning.max_steps and stale < tuning.patience:
@@ -90,7 +91,7 @@ def tune_block(block: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor,
                         raise LqtkError(f"{name}: the fine-tuning loss became {loss.item()} at step {step}: lower "
                                         "block_tuning.lr")
                     if step % tuning.eval_every == 0 or step == tuning.max_steps:
-                        error = held_out_error(block, held_out)
+                        error = stored_error(block, held_out, params, dtypes)
                         if error < best:
                             best, best_state, stale = error, [p.detach().clone() for p in params], 0
                         else:
@@ -102,11 +103,28 @@ def tune_block(block: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor,
             p.requires_grad_(False)
             p.data = kept.to(dtype)
     after = held_out_error(block, held_out)
+    if after > before:  # a better fp32 loss may still round worse; never store a block worse than it came
+        for p, kept, dtype in zip(params, start_state, dtypes):
+            p.data = kept.to(dtype)
+        after = held_out_error(block, held_out)
     if after >= before:  # early stopping kept the starting tensors: say so, a phase must not change nothing quietly
         log.warning("%s: fine-tuning changed nothing: the held-out error (%.3g) did not fall in %d steps, so the "
                     "block is kept as it was; a lower lr (now %g) or more calibration windows may help", name, before,
                     step, tuning.lr)
     return {"error_before": before, "error_after": after, "steps": step}
+
+
+def stored_error(block: nn.Module, batches, params: list[nn.Parameter], dtypes: list[torch.dtype]) -> float:
+    """The held-out error of the trained tensors rounded to the dtypes they are stored in, so that early stopping
+    picks what the export will compute, not an fp32 state that rounds worse."""
+    trained = [p.data for p in params]
+    for p, dtype in zip(params, dtypes):
+        p.data = p.data.to(dtype).float()
+    try:
+        return held_out_error(block, batches)
+    finally:
+        for p, data in zip(params, trained):
+            p.data = data
 
 
 @torch.no_grad()
