@@ -268,6 +268,18 @@ class TextDataModule(LightningDataModule):
         """(n, seq_len) non-overlapping token windows over the evaluation text (the first max_evaluation_windows)."""
         return self._windows("evaluation")[: self.max_evaluation_windows]
 
+    def check_processes(self, world_size: int) -> None:
+        """Refuse a number of processes that the calibration windows cannot be dealt to (called before the processes
+        start, and again by each one)."""
+        if self.global_batch_size is None:
+            process_batches(self.num_calibration_windows, self.batch_size, 0, world_size)
+            return
+        per_step, windows = world_size * self.batch_size, self.num_calibration_windows
+        if self.global_batch_size % per_step or not per_step <= self.global_batch_size <= windows:
+            raise LqtkError(f"data.global_batch_size={self.global_batch_size} must be a multiple of the {per_step} "
+                            f"windows one forward pass takes on {world_size} process(es) (data.batch_size "
+                            f"{self.batch_size}), and at most data.num_calibration_windows={windows}: change one")
+
     def train_dataloader(self) -> DataLoader:
         windows, trainer = self.calibration_windows(), self.trainer
         if self.global_batch_size is None:
@@ -275,11 +287,7 @@ class TextDataModule(LightningDataModule):
             world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
             share = process_batches(len(windows), self.batch_size, rank, world)
             return DataLoader(windows, batch_sampler=[batches[i].tolist() for i in share])
-        per_step = trainer.world_size * self.batch_size
-        if self.global_batch_size % per_step or not per_step <= self.global_batch_size <= len(windows):
-            raise LqtkError(f"data.global_batch_size={self.global_batch_size} must be a multiple of the {per_step} "
-                            f"windows one forward pass takes on {trainer.world_size} process(es) (data.batch_size "
-                            f"{self.batch_size}), and at most data.num_calibration_windows={len(windows)}: change one")
+        self.check_processes(trainer.world_size)
 
         def position() -> tuple[int, int]:  # where the (possibly restored) fit loop stands
             return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready

@@ -53,6 +53,12 @@ class LqtkCLI(LightningCLI):
         if trainer.strategy == "auto" and phase.endswith(".LayerwiseCalibration") and several:
             trainer.strategy = BlockWalkStrategy.strategy_name
 
+    def before_fit(self) -> None:
+        """Refuses, before the processes start, a launch the data or the phase cannot run on (each process would
+        otherwise refuse it after loading the model)."""
+        self.datamodule.check_processes(self.trainer.world_size)
+        self.model.check_launch(self.trainer)
+
     def instantiate_trainer(self, **kwargs):
         if not self._get(self.config_init, "dry_run"):
             return super().instantiate_trainer(**kwargs)

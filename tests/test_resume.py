@@ -6,7 +6,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from helpers import QUICK, REPO, kill_at_random_moment, recipe_args, run_lqtk
+from helpers import QUICK, REPO, kill_at_random_moment, recipe_args
 from lqtk.cli import main
 
 DEBUG = REPO / "configs" / "debug"
@@ -17,9 +17,8 @@ def walk_args(corpus, run_dir, recipe, *extra):
                        "--export.evaluate", "false", *extra, recipe=str(recipe))
 
 
-def finished(args, run_dir, tmp_path):
-    proc = run_lqtk(*args(run_dir), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def finished(args, run_dir):
+    main(args(run_dir))  # in-process: only the killed run needs a process of its own
     return run_dir
 
 
@@ -27,13 +26,12 @@ def kill_then_resume_matches(args, tmp_path, reference=None):
     """Run `args(run_dir, *extra)` to the end (unless `reference` is that run, finished); run it again, SIGKILL it at
     a random moment after its first checkpoint, resume with --ckpt_path last; the two exports must be
     bit-identical."""
-    reference = reference or finished(args, tmp_path / "reference", tmp_path)
+    reference = reference or finished(args, tmp_path / "reference")
     killed = tmp_path / "killed"
     run_time = json.loads((reference / "metrics.json").read_text())["quantize_time_s"]
     kill_at_random_moment(args(killed), killed, run_time, tmp_path)
     if not (killed / "model").exists():
-        proc = run_lqtk(*args(killed, "--ckpt_path", "last"), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        main(args(killed, "--ckpt_path", "last"))
     expected = load_file(reference / "model" / "model.safetensors")
     resumed = load_file(killed / "model" / "model.safetensors")
     assert expected.keys() == resumed.keys()
@@ -49,8 +47,7 @@ def calibration_args(corpus, deep_model, recipe):
 def gptq_run(corpus, deep_model, tmp_path_factory):
     """The uninterrupted gptq-tiny calibration of the deep model: the reference of its kill test, and the
     calibration (with its Hessians) that the re-quantization test starts from."""
-    root = tmp_path_factory.mktemp("gptq")
-    return finished(calibration_args(corpus, deep_model, "gptq-tiny"), root / "reference", root)
+    return finished(calibration_args(corpus, deep_model, "gptq-tiny"), tmp_path_factory.mktemp("gptq") / "reference")
 
 
 @pytest.mark.slow

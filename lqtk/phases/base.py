@@ -31,6 +31,9 @@ class Phase(LightningModule):
         self.automatic_optimization = False
         self.quantize_time_s = 0.0
 
+    def check_launch(self, trainer) -> None:
+        """Refuse, before any process starts or any model loads, settings that `trainer` cannot run (none here)."""
+
     def fp_reference(self) -> tuple[torch.nn.Module, str]:
         """The fp model the phase's result is compared with, and its path."""
         raise NotImplementedError

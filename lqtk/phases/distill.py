@@ -118,6 +118,12 @@ class KLDistillation(Phase):
         self.model = student
         self.__dict__["teacher"] = teacher  # outside the module tree: frozen, not checkpointed
 
+    def check_launch(self, trainer) -> None:
+        if self.optimizer_name != "adamw" and isinstance(trainer.strategy, ModelParallelStrategy):
+            raise LqtkError(f"optimizer {self.optimizer_name}: bitsandbytes' 8-bit optimizers cannot update "
+                            "FSDP2-sharded (DTensor) parameters; use optimizer adamw with ModelParallelStrategy, "
+                            f"or {self.optimizer_name} with trainer.strategy ddp (or auto on one device)")
+
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         use_bf16 = self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and bf16)
@@ -129,10 +135,6 @@ class KLDistillation(Phase):
         if self.optimizer_name == "adamw":
             optimizer = torch.optim.AdamW(params, **kwargs)
         else:
-            if isinstance(self.trainer.strategy, ModelParallelStrategy):
-                raise LqtkError(f"optimizer {self.optimizer_name}: bitsandbytes' 8-bit optimizers cannot update "
-                                "FSDP2-sharded (DTensor) parameters; use optimizer adamw with ModelParallelStrategy, "
-                                f"or {self.optimizer_name} with trainer.strategy ddp (or auto on one device)")
             import bitsandbytes as bnb
 
             cls = bnb.optim.AdamW8bit if self.optimizer_name == "adamw8bit" else bnb.optim.PagedAdamW8bit
