@@ -133,6 +133,13 @@ def speeds(bin_dir: Path, files: list[Path], rounds: int) -> list[dict]:
     return best
 
 
+def tensor_types(file: Path) -> dict[str, str]:
+    """Each tensor's GGML type: two files with the same types run the same llama.cpp kernels on the same bytes."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(file).tensors}
+
+
 def bits_per_weight(file: Path) -> float:
     """Bits per weight of the tensors llama.cpp's quantizer quantizes (every 2-D tensor: the Linears and the
     embedding), as stored."""
@@ -154,7 +161,8 @@ def table(records: list[dict], fp: dict, cpu: str, command: str) -> str:
              "Perplexity by llama-perplexity on the evaluation play, context 512 (the F32 file: "
              f"{fp['perplexity']:.3f}); speed by llama-bench (64-token prompt, 64 generated tokens, 2 threads; "
              "each file's best of the rounds in which the two files took turns). Bits per weight: over the Linears "
-             "and the embedding, as stored.",
+             "and the embedding, as stored. Tensors of another type: those whose GGML type differs between the two "
+             "files (none: the same llama.cpp kernels on the same number of bytes).",
              "", "| type | file by | MiB | bits/weight | perplexity | prompt tok/s | decode tok/s |",
              "|---|---|---|---|---|---|---|"]
     for record in records:
@@ -162,12 +170,13 @@ def table(records: list[dict], fp: dict, cpu: str, command: str) -> str:
             r = record[who]
             lines.append(f"| {record['type']} | {who} | {r['bytes'] / 2**20:.1f} | {r['bits_per_weight']:.2f} | "
                          f"{r['perplexity']:.3f} | {r['prompt_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} |")
-    lines += ["", "| type | perplexity lqtk / llama.cpp | size lqtk / llama.cpp | decode speed lqtk / llama.cpp |",
-              "|---|---|---|---|"]
+    lines += ["", "| type | perplexity lqtk / llama.cpp | size lqtk / llama.cpp | decode speed lqtk / llama.cpp | "
+              "tensors of another type |", "|---|---|---|---|---|"]
     for record in records:
         a, b = record["lqtk"], record["llama.cpp"]
         lines.append(f"| {record['type']} | {a['perplexity'] / b['perplexity']:.3f} | {a['bytes'] / b['bytes']:.3f} "
-                     f"| {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.3f} |")
+                     f"| {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.3f} "
+                     f"| {record['tensors_of_another_type']} of {len(tensor_types(Path(b['file'])))} |")
     return "\n".join(lines)
 
 
@@ -176,7 +185,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lqtk" / "llama.cpp"))
     parser.add_argument("--text", help="evaluation text for llama-perplexity (default: the evaluation play)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of llama-bench, the two files by turns")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of llama-bench, the two files by turns")
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/gguf.md")
     opts = parser.parse_args()
@@ -205,6 +214,8 @@ def main() -> None:
                                               for who, file in files.items()}})
     for record in records:  # speed after all perplexities: the files of a type measured by turns
         files = [Path(record[who]["file"]) for who in ("llama.cpp", "lqtk")]
+        types = [tensor_types(file) for file in files]
+        record["tensors_of_another_type"] = sum(types[0][name] != types[1].get(name) for name in types[0])
         for who, speed in zip(("llama.cpp", "lqtk"), speeds(bin_dir, files, opts.rounds)):
             record[who].update(speed)
         print(json.dumps(record, indent=2), flush=True)
