@@ -13,6 +13,7 @@ from lqtk.formats.aqlm import decode, propose
 from lqtk.formats.packing import pack_bits
 from lqtk.quant import AQLM
 from lqtk.quant.aqlm import init_residual_kmeans, proxy_loss, update_codes
+from lqtk.quant.gptq import cpu_threads
 
 SMALL = dict(num_codebooks=2, nbits_per_codebook=4, in_group_size=4, max_rounds=4, relative_tolerance=0.0)
 
@@ -120,3 +121,19 @@ def test_a_layer_built_from_codewords_is_found_exactly():
     result = AQLM(num_codebooks=1, nbits_per_codebook=2, in_group_size=4, max_rounds=2).quantize(w, h)
     assert result.history["objective"][0] < 1e-6
     torch.testing.assert_close(result.dequantize(), w, atol=2e-3, rtol=0)  # scales are stored in fp16
+
+
+def test_codebook_gradients_are_the_same_on_any_number_of_threads():
+    """AQLM's Adam steps give the same codebooks run after run only if the decode's backward sums each codebook
+    entry's gradients in one order, whatever the number of threads sharing the work."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (1024, 64, 2), generator=gen)
+    codebooks, scales = torch.randn(2, 256, 8, generator=gen), torch.rand(1024, 1, generator=gen)
+    upstream = torch.randn(1024, 512, generator=gen)
+    gradients = []
+    for threads in (1, 2):
+        with cpu_threads(threads):
+            trained = codebooks.clone().requires_grad_()
+            decode(codes, trained, scales).backward(upstream)
+        gradients.append(trained.grad)
+    assert torch.equal(*gradients)

@@ -4,6 +4,7 @@ and the beam search over a group's codes that both its producer (`lqtk.quant.AQL
 import math
 
 import torch
+import torch.nn.functional as F
 
 from lqtk.formats.base import WeightFormat, largest_gains, register_format
 from lqtk.formats.packing import pack_bits, unpack_bits
@@ -53,7 +54,9 @@ def unpack_codes(packed: torch.Tensor, spec: dict) -> torch.Tensor:
 def decode(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """codes (O, J, M), codebooks (M, K, g), scales (O, 1) -> Ŵ (O, J·g)."""
     num_codebooks = codebooks.shape[0]
-    groups = sum(codebooks[m][codes[..., m]] for m in range(num_codebooks))  # (O, J, g)
+    # a lookup by F.embedding, not codebooks[m][codes]: its backward (AQLM's Adam on the codebooks) sums each entry's
+    # gradients in one fixed order on any number of threads; indexing's accumulating backward does not
+    groups = sum(F.embedding(codes[..., m], codebooks[m]) for m in range(num_codebooks))  # (O, J, g)
     return groups.flatten(1) * scales
 
 
