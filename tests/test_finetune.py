@@ -9,6 +9,7 @@ import torch
 
 from helpers import REPO, fails_with, recipe_args, run_lqtk
 from lqtk.anatomy import decoder_blocks, linear_layers
+from lqtk.cli import main
 from lqtk.errors import LqtkError
 from lqtk.models import load_causal_lm
 from lqtk.nn import QuantizedLinear, set_submodule
@@ -111,10 +112,9 @@ def test_chain_calibrates_then_fine_tunes(chain_run):
 @pytest.mark.slow
 def test_calibration_tunes_each_block_in_the_loop(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_lqtk(*recipe_args(corpus, run_dir, "--model.init_args.block_tuning.max_steps", "6",
-                                 "--model.init_args.block_tuning.eval_every", "2", "--export.evaluate", "false",
-                                 recipe=str(DEBUG / "aqlm-tiny.yaml")), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main(recipe_args(corpus, run_dir, "--model.init_args.block_tuning.max_steps", "6",
+                     "--model.init_args.block_tuning.eval_every", "2", "--export.evaluate", "false",
+                     recipe=str(DEBUG / "aqlm-tiny.yaml")))
     tuned = json.loads((run_dir / "metrics.json").read_text())["block_tuning"]
     assert set(tuned) == {"model.layers.0", "model.layers.1"}
     assert all(0 < b["steps"] <= 6 and b["error_after"] <= b["error_before"] for b in tuned.values())
