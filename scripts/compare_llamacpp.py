@@ -33,6 +33,7 @@ RECIPES = {"Q4_K_M": "gguf-q4_k_m", "Q3_K_M": "gguf-q3_k_m", "Q2_K": "gguf-q2_k"
 """lqtk's recipe for each entry; an entry `TYPE-mix` is lqtk's own choice of tensor types in the size of llama.cpp's
 TYPE file, compared with that file."""
 THREADS = "2"
+PROMPT_TOKENS, GENERATED_TOKENS = 64, 128  # llama-bench's -p and -n
 
 
 def run(command: list, **kwargs) -> str:
@@ -125,8 +126,9 @@ def speeds(bin_dir: Path, files: list[Path], rounds: int) -> list[dict]:
     best = [{"prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0} for _ in files]
     for _ in range(rounds):
         for record, file in zip(best, files):
-            result = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(file), "-p", "64", "-n", "64", "-t",
-                                     THREADS, "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
+            command = [bin_dir / "llama-bench", "-m", file, "-p", PROMPT_TOKENS, "-n", GENERATED_TOKENS, "-t", THREADS,
+                       "-r", 3, "-o", "json"]
+            result = subprocess.run([str(c) for c in command], capture_output=True, text=True, check=True)
             for row in json.loads(result.stdout):  # its JSON on stdout, its log on stderr
                 key = "prompt_tokens_per_s" if row["n_prompt"] else "decode_tokens_per_s"
                 record[key] = max(record[key], row["avg_ts"])
@@ -159,10 +161,10 @@ def cpu_name() -> str:
 def table(records: list[dict], fp: dict, cpu: str, command: str) -> str:
     lines = [f"`{command}` on {cpu}; llama.cpp {SDIST.split('==')[1]} (llama-cpp-python's vendored source). "
              "Perplexity by llama-perplexity on the evaluation play, context 512 (the F32 file: "
-             f"{fp['perplexity']:.3f}); speed by llama-bench (64-token prompt, 64 generated tokens, 2 threads; "
-             "each file's best of the rounds in which the two files took turns). Bits per weight: over the Linears "
-             "and the embedding, as stored. Tensors of another type: those whose GGML type differs between the two "
-             "files (none: the same llama.cpp kernels on the same number of bytes).",
+             f"{fp['perplexity']:.3f}); speed by llama-bench ({PROMPT_TOKENS}-token prompt, {GENERATED_TOKENS} "
+             "generated tokens, 2 threads; each file's best of the rounds in which the two files took turns). Bits "
+             "per weight: over the Linears and the embedding, as stored. Tensors of another type: those whose GGML "
+             "type differs between the two files (none: the same llama.cpp kernels on the same number of bytes).",
              "", "| type | file by | MiB | bits/weight | perplexity | prompt tok/s | decode tok/s |",
              "|---|---|---|---|---|---|---|"]
     for record in records:
