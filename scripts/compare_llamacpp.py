@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 SDIST = "llama-cpp-python==0.3.36"
 TOOLS = ["llama-perplexity", "llama-imatrix", "llama-quantize", "llama-bench"]
 RECIPES = {"Q4_K_M": "gguf-q4_k_m", "Q3_K_M": "gguf-q3_k_m", "Q2_K": "gguf-q2_k", "IQ4_XS": "gguf-iq4_xs",
-           "IQ3_XXS": "gguf-iq3_xxs", "IQ2_XS": "gguf-iq2_xs", "Q2_K-mix": "gguf-q2_k-mix"}
+           "IQ3_XXS": "gguf-iq3_xxs", "IQ2_XS": "gguf-iq2_xs", "IQ2_XXS": "gguf-iq2_xxs", "Q2_K-mix": "gguf-q2_k-mix"}
 """lqtk's recipe for each entry; an entry `TYPE-mix` is lqtk's own choice of tensor types in the size of llama.cpp's
 TYPE file, compared with that file."""
 THREADS = "2"

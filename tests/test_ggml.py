@@ -66,7 +66,7 @@ def test_gptq_on_the_grid_beats_round_to_nearest(type_name):
     assert weighted_error(w, ours, hessian) < 0.8 * weighted_error(w, torch.from_numpy(llama), hessian)
 
 
-@pytest.mark.parametrize("type_name", ["IQ2_XS", "IQ3_XXS"])
+@pytest.mark.parametrize("type_name", ["IQ2_XXS", "IQ2_XS", "IQ3_XXS"])
 def test_vector_rounding_finds_the_best_entries_and_signs(type_name):
     """The i-quants' rounding of 8 weights: the least weighted error over every codebook entry (per 4 or 8 weights)
     and every one of the 128 sign codes (the 8th sign makes the count of minus signs even), by brute force."""

@@ -9,9 +9,9 @@ weight stores an unsigned code q, and
 where `level` is a fixed integer table (q − 8 for Q4_0, llama.cpp's non-uniform kvalues for IQ4_NL), and a
 sub-block's scale and offset come from the block's fp16 fields and integer scale codes, computed in fp32 with the
 same operations, in the same order, as llama.cpp's and the `gguf` package's dequantization: lqtk decodes these bytes
-bit for bit as they do (tests/test_ggml.py checks it against the `gguf` package). The 2-3 bit i-quants (IQ2_XS,
-IQ3_XXS) store vectors instead of levels: each run of 8 (or 4) weights is an entry of a fixed lattice codebook of
-positive values (`grid_table`), and each run of 8 weights has a 7-bit sign code (`sign_table`):
+bit for bit as they do (tests/test_ggml.py checks it against the `gguf` package). The 2-3 bit i-quants
+(IQ2_XXS, IQ2_XS, IQ3_XXS) store vectors instead of levels: each run of 8 (or 4) weights is an entry of a fixed
+lattice codebook of positive values (`grid_table`), and each run of 8 weights has a 7-bit sign code (`sign_table`):
 
     w = scale[sub-block] · grid[g] · sign[s]
 
@@ -179,8 +179,8 @@ class BlockType:
 
 @functools.cache
 def grid_table(type_name: str) -> torch.Tensor:
-    """The lattice codebook of an i-quant type, (entries, 4 or 8) fp32 positive values (llama.cpp's iq2xs_grid,
-    iq3xxs_grid), as the `gguf` package holds it."""
+    """The lattice codebook of an i-quant type, (entries, 4 or 8) fp32 positive values (llama.cpp's iq2xxs_grid,
+    iq2xs_grid, iq3xxs_grid), as the `gguf` package holds it."""
     quant = getattr(gguf.quants, type_name)
     quant.init_grid()
     return torch.from_numpy(quant.grid.reshape(quant.grid_shape).copy())
@@ -232,6 +232,11 @@ TYPES: dict[str, BlockType] = {t.name: t for t in [
               {"grid": bits_at([16 + 16 * e for e in range(32)], 9),
                "signs": bits_at([25 + 16 * e for e in range(32)], 7),
                "scales": bits_at([66 * 8 + 4 * e for e in range(16)], 4)},
+              (8, 25, 43), "odd", scale_factor=0.25),
+    BlockType("IQ2_XXS", K, 32, 66, {"d": 0},
+              {"grid": bits_at([16 + 64 * (e // 4) + 8 * (e % 4) for e in range(32)], 8),
+               "signs": bits_at([16 + 64 * (e // 4) + 32 + 7 * (e % 4) for e in range(32)], 7),
+               "scales": bits_at([16 + 64 * s + 60 for s in range(8)], 4)},
               (8, 25, 43), "odd", scale_factor=0.25),
     BlockType("IQ3_XXS", K, 32, 98, {"d": 0},
               {"grid": bits_at([16 + 8 * e for e in range(64)], 8),

@@ -9,11 +9,11 @@ block of the type (32 weights, or a 256-weight super-block whose sub-block scale
 fixed when the walk first reaches one of its columns, from the weights as updated so far, and stored exactly as the
 type stores them, so that the error feedback sees the decoded values, not float ones.
 
-The 2-3 bit i-quants (IQ2_XS, IQ3_XXS) store each run of 8 (or 4) weights as an entry of a fixed lattice codebook,
-signs apart, with an even count of minus signs per run of 8. Their walk rounds 8 columns at a time (QuIP#'s block
-LDLQ, `ErrorFeedback.vector_size`): each row's 8 weights take the entry and signs of least error weighted by the
-columns' LDL diagonal, found by trying every entry (a few hundred: exhaustive, no beam needed), the parity rule
-included exactly.
+The 2-3 bit i-quants (IQ2_XXS, IQ2_XS, IQ3_XXS) store each run of 8 (or 4) weights as an entry of a fixed lattice
+codebook, signs apart, with an even count of minus signs per run of 8. Their walk rounds 8 columns at a time
+(QuIP#'s block LDLQ, `ErrorFeedback.vector_size`): each row's 8 weights take the entry and signs of least error
+weighted by the columns' LDL diagonal, found by trying every entry (a few hundred: exhaustive, no beam needed), the
+parity rule included exactly.
 """
 
 import functools
@@ -28,7 +28,7 @@ from lqtk.formats.ggml import TYPES, BlockType, GGMLFormat, grid_table
 from lqtk.quant.gptq import ErrorFeedback
 
 SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
-                  "IQ3_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL"}
+                  "IQ3_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL"}
 """The 32-wide type a tensor gets when its rows are not a multiple of 256 (llama.cpp's quantizer's choice)."""
 
 
@@ -159,8 +159,9 @@ class GGML(ErrorFeedback):
 
     type: str = "Q4_K"
     """The GGML type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32), Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (super-blocks of
-    256), IQ2_XS, IQ3_XXS (lattice codebooks, 256), IQ4_NL (32), IQ4_XS (256). A weight whose rows are not a multiple
-    of 256 takes llama.cpp's 32-wide fallback (Q4_K → Q5_0, Q2_K/Q3_K → Q4_0, IQ2_XS → IQ4_NL, ...), with a warning."""
+    256), IQ2_XXS, IQ2_XS, IQ3_XXS (lattice codebooks, 256), IQ4_NL (32), IQ4_XS (256). A weight whose rows are not a
+    multiple of 256 takes llama.cpp's 32-wide fallback (Q4_K → Q5_0, Q2_K/Q3_K → Q4_0, IQ2_XS → IQ4_NL, ...), with a
+    warning."""
 
     def __post_init__(self):
         if self.type not in TYPES:
