@@ -66,10 +66,10 @@ def test_gptq_on_the_grid_beats_round_to_nearest(type_name):
     assert weighted_error(w, ours, hessian) < 0.8 * weighted_error(w, torch.from_numpy(llama), hessian)
 
 
-@pytest.mark.parametrize("type_name", ["IQ2_XXS", "IQ2_XS", "IQ3_XXS"])
+@pytest.mark.parametrize("type_name", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"])
 def test_vector_rounding_finds_the_best_entries_and_signs(type_name):
     """The i-quants' rounding of 8 weights: the least weighted error over every codebook entry (per 4 or 8 weights)
-    and every one of the 128 sign codes (the 8th sign makes the count of minus signs even), by brute force."""
+    and every sign code (128 where the 8th sign makes the count of minus signs even, else 256), by brute force."""
     g = torch.Generator().manual_seed(1)
     rows = 64
     columns, weight = torch.randn(8, rows, generator=g), torch.rand(8, generator=g) + 0.1
@@ -80,7 +80,8 @@ def test_vector_rounding_finds_the_best_entries_and_signs(type_name):
 
     grid = grid_table(type_name)
     x = columns.T.reshape(rows, 1, -1, grid.shape[1])  # (rows, 1, halves, dim)
-    signs = sign_table().reshape(1, 128, -1, grid.shape[1])
+    codes_of_signs = sign_table(TYPES[type_name].sign_bits)
+    signs = codes_of_signs.reshape(1, len(codes_of_signs), -1, grid.shape[1])
     entry_cost = (weight.reshape(-1, grid.shape[1])[:, None] *
                   (x[..., None, :] - scale.reshape(rows, 1, 1, 1, 1) * signs[..., None, :] * grid).square()).sum(-1)
     best = entry_cost.amin(-1).sum(-1).amin(1)  # the best entry of each half, under the best sign code

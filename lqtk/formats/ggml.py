@@ -10,8 +10,9 @@ where `level` is a fixed integer table (q − 8 for Q4_0, llama.cpp's non-unifor
 sub-block's scale and offset come from the block's fp16 fields and integer scale codes, computed in fp32 with the
 same operations, in the same order, as llama.cpp's and the `gguf` package's dequantization: lqtk decodes these bytes
 bit for bit as they do (tests/test_ggml.py checks it against the `gguf` package). The 2-3 bit i-quants
-(IQ2_XXS, IQ2_XS, IQ3_XXS) store vectors instead of levels: each run of 8 (or 4) weights is an entry of a fixed
-lattice codebook of positive values (`grid_table`), and each run of 8 weights has a 7-bit sign code (`sign_table`):
+(IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) store vectors instead of levels: each run of 8 (or 4) weights is an entry
+of a fixed lattice codebook of positive values (`grid_table`), and each run of 8 weights has a sign code
+(`sign_table`: 7 bits and even parity, or 8 free bits for IQ2_S and IQ3_S):
 
     w = scale[sub-block] · grid[g] · sign[s]
 
@@ -111,6 +112,11 @@ class BlockType:
         return "grid" in self.codes
 
     @property
+    def sign_bits(self) -> int:
+        """Bits of a run of 8 weights' sign code: 7 (the 8th sign makes the count of minus signs even) or 8."""
+        return self.code_bits["signs"]
+
+    @property
     def code_bits(self) -> dict[str, int]:
         """The width in bits of each integer field's codes."""
         return {name: max(b + s for part in parts for b, s in zip(part.bits, part.value_shift))
@@ -170,7 +176,8 @@ class BlockType:
         scale, offset = self.sub_scales(halves, codes)
         if self.vectors:
             value = grid_table(self.name).to(blocks.device)[codes["grid"].long()].reshape(len(blocks), self.block)
-            sign = sign_table().to(blocks.device)[codes["signs"].long()].reshape(len(blocks), self.block)
+            signs = sign_table(self.sign_bits).to(blocks.device)
+            sign = signs[codes["signs"].long()].reshape(len(blocks), self.block)
             return scale.repeat_interleave(self.sub, 1) * value * sign
         level = torch.tensor(self.levels, dtype=torch.float32, device=blocks.device)[codes["q"].long()]
         w = scale.repeat_interleave(self.sub, 1) * level
@@ -180,19 +187,20 @@ class BlockType:
 @functools.cache
 def grid_table(type_name: str) -> torch.Tensor:
     """The lattice codebook of an i-quant type, (entries, 4 or 8) fp32 positive values (llama.cpp's iq2xxs_grid,
-    iq2xs_grid, iq3xxs_grid), as the `gguf` package holds it."""
+    iq2xs_grid, iq2s_grid, iq3xxs_grid, iq3s_grid), as the `gguf` package holds it."""
     quant = getattr(gguf.quants, type_name)
     quant.init_grid()
     return torch.from_numpy(quant.grid.reshape(quant.grid_shape).copy())
 
 
 @functools.cache
-def sign_table() -> torch.Tensor:
-    """(128, 8) ±1: llama.cpp's ksigns. A code's 7 bits are the signs of the first 7 weights (1: minus); the 8th
-    sign makes the count of minus signs even."""
-    bits = (torch.arange(128)[:, None] >> torch.arange(7)) & 1
-    bits = torch.cat([bits, bits.sum(1, keepdim=True) % 2], 1)
-    return 1 - 2 * bits.float()
+def sign_table(bits: int = 7) -> torch.Tensor:
+    """(2^bits, 8) ±1: a code's bits are the signs of the first `bits` weights of a run of 8 (1: minus). With 7
+    (llama.cpp's ksigns), the 8th sign makes the count of minus signs even."""
+    minus = (torch.arange(2**bits)[:, None] >> torch.arange(bits)) & 1
+    if bits == 7:
+        minus = torch.cat([minus, minus.sum(1, keepdim=True) % 2], 1)
+    return 1 - 2 * minus.float()
 
 
 def _nibbles(count: int, width: int, offset: int) -> Part:
@@ -238,6 +246,14 @@ TYPES: dict[str, BlockType] = {t.name: t for t in [
                "signs": bits_at([16 + 64 * (e // 4) + 32 + 7 * (e % 4) for e in range(32)], 7),
                "scales": bits_at([16 + 64 * s + 60 for s in range(8)], 4)},
               (8, 25, 43), "odd", scale_factor=0.25),
+    BlockType("IQ2_S", K, 16, 82, {"d": 0},
+              {"grid": [interleaved(32, 32, 8, 2), interleaved(32, 1, 2, 66, 8)],
+               "signs": [interleaved(32, 32, 8, 34)], "scales": [interleaved(16, 1, 4, 74)]},
+              (8, 25, 43), "odd", scale_factor=0.25),
+    BlockType("IQ3_S", K, 32, 110, {"d": 0},
+              {"grid": [interleaved(64, 64, 8, 2), interleaved(64, 1, 1, 66, 8)],
+               "signs": [interleaved(32, 32, 8, 74)], "scales": [interleaved(8, 1, 4, 106)]},
+              (1, 3, 5, 7, 9, 11, 13, 15), "odd", scale_factor=2.0),
     BlockType("IQ3_XXS", K, 32, 98, {"d": 0},
               {"grid": bits_at([16 + 8 * e for e in range(64)], 8),
                "signs": bits_at([(66 + 4 * (e // 4)) * 8 + 7 * (e % 4) for e in range(32)], 7),

@@ -9,11 +9,11 @@ block of the type (32 weights, or a 256-weight super-block whose sub-block scale
 fixed when the walk first reaches one of its columns, from the weights as updated so far, and stored exactly as the
 type stores them, so that the error feedback sees the decoded values, not float ones.
 
-The 2-3 bit i-quants (IQ2_XXS, IQ2_XS, IQ3_XXS) store each run of 8 (or 4) weights as an entry of a fixed lattice
-codebook, signs apart, with an even count of minus signs per run of 8. Their walk rounds 8 columns at a time
-(QuIP#'s block LDLQ, `ErrorFeedback.vector_size`): each row's 8 weights take the entry and signs of least error
-weighted by the columns' LDL diagonal, found by trying every entry (a few hundred: exhaustive, no beam needed), the
-parity rule included exactly.
+The 2-3 bit i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) store each run of 8 (or 4) weights as an entry of a fixed
+lattice codebook, signs apart (IQ2_XXS, IQ2_XS, IQ3_XXS: an even count of minus signs per run of 8). Their walk rounds 8
+columns at a time (QuIP#'s block LDLQ, `ErrorFeedback.vector_size`): each row's 8 weights take the entry and signs of
+least error weighted by the columns' LDL diagonal, found by trying every entry (a few hundred: exhaustive, no beam
+needed), the parity rule included exactly.
 """
 
 import functools
@@ -28,7 +28,8 @@ from lqtk.formats.ggml import TYPES, BlockType, GGMLFormat, grid_table
 from lqtk.quant.gptq import ErrorFeedback
 
 SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
-                  "IQ3_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL"}
+                  "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL",
+                  "IQ2_S": "IQ4_NL"}
 """The 32-wide type a tensor gets when its rows are not a multiple of 256 (llama.cpp's quantizer's choice)."""
 
 
@@ -107,11 +108,12 @@ def grid_levels(type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return index, entry
 
 
-def even_signs(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """±1 (N, 8k): the signs of x (+ for 0) per run of 8, with the sign of least weight·x² flipped in each run that
-    has an odd count of minus signs (the codebooks' parity rule, llama.cpp's choice before its search)."""
+def even_signs(x: torch.Tensor, weight: torch.Tensor, parity: bool = True) -> torch.Tensor:
+    """±1 (N, 8k): the signs of x (+ for 0) per run of 8; with `parity`, the sign of least weight·x² is flipped in
+    each run that has an odd count of minus signs (the codebooks' parity rule, llama.cpp's choice before its
+    search)."""
     sign = torch.where(x < 0, -1.0, 1.0).reshape(len(x), -1, 8)
-    odd = (sign < 0).sum(2, keepdim=True) % 2 == 1
+    odd = ((sign < 0).sum(2, keepdim=True) % 2 == 1) & parity
     cheapest = (weight * x * x).reshape(sign.shape).argmin(2, keepdim=True)
     flip = odd & (torch.arange(8) == cheapest)
     return torch.where(flip, -sign, sign).reshape(x.shape)
@@ -125,13 +127,15 @@ def entry_costs(magnitude: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
 
 def fit_vector_scale(x: torch.Tensor, weight: torch.Tensor, type_name: str, steps: int = 9):
     """Per row of x (R, n): the scale s minimizing Σ weight (x − s·sign·g)², each vector of x at its nearest codebook
-    entry g, the signs those of x (`even_signs`). Candidates map the row's largest |x| to the codebook's largest
-    value moved by up to ±`steps` tenths of its smallest step (llama.cpp's `quantize_row_iq2_xs`); for each, the
-    entries are found and s re-fitted by weighted least squares. Returns s and Σ weight·g² (what its error costs)."""
+    entry g, the signs those of x (`even_signs`, with the type's parity rule if it has one). Candidates map the row's
+    largest |x| to the codebook's largest value moved by up to ±`steps` tenths of its smallest step (llama.cpp's
+    `quantize_row_iq2_xs`); for each, the entries are found and s re-fitted by weighted least squares. Returns s and Σ
+    weight·g² (what its error costs)."""
     grid = grid_table(type_name)
     levels = torch.tensor(TYPES[type_name].levels, dtype=torch.float32)
     rows, dim = len(x), grid.shape[1]
-    target = (x * even_signs(x, weight)).reshape(-1, dim)  # >= 0 but where a sign was flipped
+    parity = TYPES[type_name].sign_bits == 7
+    target = (x * even_signs(x, weight, parity)).reshape(-1, dim)  # >= 0 but where a sign was flipped
     vector_weight = weight.reshape(-1, dim)
     top = x.abs().amax(1)
     step = 0.1 * float((levels[1:] - levels[:-1]).min())
@@ -158,10 +162,10 @@ class GGML(ErrorFeedback):
     format = GGMLFormat.name
 
     type: str = "Q4_K"
-    """The GGML type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32), Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (super-blocks of
-    256), IQ2_XXS, IQ2_XS, IQ3_XXS (lattice codebooks, 256), IQ4_NL (32), IQ4_XS (256). A weight whose rows are not a
-    multiple of 256 takes llama.cpp's 32-wide fallback (Q4_K → Q5_0, Q2_K/Q3_K → Q4_0, IQ2_XS → IQ4_NL, ...), with a
-    warning."""
+    """The GGML type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32), Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (super-blocks of 256),
+    IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (lattice codebooks, 256), IQ4_NL (32), IQ4_XS (256). A weight whose rows are
+    not a multiple of 256 takes llama.cpp's 32-wide fallback (Q4_K → Q5_0, Q2_K/Q3_K → Q4_0, IQ2_XS → IQ4_NL, ...), with
+    a warning."""
 
     def __post_init__(self):
         if self.type not in TYPES:
@@ -279,7 +283,8 @@ class GGML(ErrorFeedback):
         """Columns (8, O) from `index` of a block, with their error weights (8,): each row's 8 weights as the
         codebook entries and signs of least weighted error under the stored sub-block scale. Every entry is tried;
         where x has an odd count of minus signs, one sign must flip: the cheapest flip (4·w·|x|·g·s) is added to each
-        entry's cost, and for two 4-wide entries (IQ3_XXS) the half where flipping costs least takes it. Returns
+        entry's cost, and for two 4-wide entries (IQ3_XXS) the half where flipping costs least takes it (IQ2_S and
+        IQ3_S have no parity rule: every sign is x's). Returns
         codes (level index · 2 + minus) and the decoded values, (8, O) each."""
         scale = grid[0][:, index // self.kind.sub]
         table = grid_table(self.kind.name)
@@ -290,7 +295,7 @@ class GGML(ErrorFeedback):
         plain = torch.stack([entry_costs(magnitude[:, h], weight[h].expand(rows, dim), scale, table)
                              for h in range(halves)], 1)  # (O, halves, G)
         best_plain, entry = plain.min(2)
-        odd = negative.reshape(rows, 8).sum(1) % 2 == 1
+        odd = (negative.reshape(rows, 8).sum(1) % 2 == 1) & (self.kind.sign_bits == 7)
         # the rows that must flip a sign: per unit of scale, as `plain`
         flip_cost = 4 * (weight[:, None] * table)[None] * magnitude[odd][:, :, None]
         best_flipped, flipped_entry = (plain[odd] + flip_cost.amin(3)).min(2)
@@ -306,11 +311,12 @@ class GGML(ErrorFeedback):
 
     def vector_fields(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-weight codes of whole blocks (N, block) -> the `grid` entry of each vector and the `signs` code of each
-        run of 8 (its 7 first minus bits)."""
+        run of 8 (its first `sign_bits` minus bits)."""
         index, entry = grid_levels(self.kind.name)
         level, minus = (codes >> 1).long(), (codes & 1).long()
         grid = entry[level_key(level.reshape(len(codes), -1, index.shape[1]), self.kind.name)]
-        signs = (minus.reshape(len(codes), -1, 8)[..., :7] << torch.arange(7)).sum(2)
+        bits = self.kind.sign_bits
+        signs = (minus.reshape(len(codes), -1, 8)[..., :bits] << torch.arange(bits)).sum(2)
         return {"grid": grid, "signs": signs}
 
     def pack_grids(self, method, codes, grids):
