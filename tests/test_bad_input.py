@@ -174,6 +174,7 @@ def inputs(cli, corpus, tmp_path_factory) -> dict[str, str]:
         "truncated": broken_copy(tiny_llama(), root / "truncated", "model.safetensors", weights[: len(weights) // 2]),
         "garbage": broken_copy(tiny_llama(), root / "garbage", "model.safetensors", os.urandom(4096)),
         "missing_shard": sharded_folder(root / "sharded"),
+        "export": finished / "model",
         "truncated_export": broken_copy(finished / "model", root / "export", "model.safetensors",
                                         export[: len(export) * 2 // 3]),
         "gpt2": gpt2_folder(root / "gpt2"),
@@ -253,6 +254,8 @@ CASES = [
     pytest.param(fit(*model("gpt2"), says=("GPT2LMHeadModel", "not supported", "no nn.Linear", "Conv1D")),
                  id="gpt2-conv1d"),
     pytest.param(fit(*model("bert"), says=("BertModel", "not a causal language model")), id="bert-not-causal"),
+    pytest.param(fit(*model("export"), says=("is already quantized", "calibrate the fp model")),
+                 id="calibrate-an-export"),
     pytest.param(fit(*model("unknown_type"), says=("model_type 'llamma'", "does not know")),
                  id="unknown-model-type"),
     # the data

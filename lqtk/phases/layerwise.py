@@ -139,6 +139,10 @@ class LayerwiseCalibration(BlockWalk):
         # Kept out of the module tree: Lightning must neither move the whole model to the device (blocks go one at
         # a time) nor checkpoint the fp weights. Streamed: only the tensors outside the blocks are loaded here.
         model = load_causal_lm(self.model_path, lazy=True).requires_grad_(False)  # block_tuning unfreezes its own
+        if quantized_layers(model):
+            raise LqtkError(f"{self.model_path} is already quantized (an lqtk export): calibrate the fp model it was "
+                            "made from; to change its layers' types, re-quantize its run's cached Hessians with "
+                            "lqtk.phases.Requantize")
         check_linear_layers(model)
         self.__dict__.update(model=model, blocks=decoder_blocks(model))
         for i, block in enumerate(self.blocks):
