@@ -9,7 +9,7 @@ calibration plays (the text lqtk calibrates on: 64 chunks of 512 tokens, as lqtk
 llama-quantize --imatrix makes llama.cpp's file; lqtk's is runs/smollm2-135m/gguf-<type>/model.gguf, made by its
 recipe (run here when missing). In this run: llama-perplexity on the evaluation play (context 512) of the F32 file
 and of each file, their sizes and bits per weight, then llama-bench's prompt and generation tokens/s of the two
-files of each type, taking turns.
+files of each type and of a byte copy of llama.cpp's (the bench's own variation), taking turns.
 llama.cpp is never a dependency of lqtk: everything it needs lives in the cache folder.
 """
 
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -164,7 +165,9 @@ def table(records: list[dict], fp: dict, cpu: str, command: str) -> str:
              f"{fp['perplexity']:.3f}); speed by llama-bench ({PROMPT_TOKENS}-token prompt, {GENERATED_TOKENS} "
              "generated tokens, 2 threads; each file's best of the rounds in which the two files took turns). Bits "
              "per weight: over the Linears and the embedding, as stored. Tensors of another type: those whose GGML "
-             "type differs between the two files (none: the same llama.cpp kernels on the same number of bytes).",
+             "type differs between the two files (none: the same llama.cpp kernels on the same number of bytes). "
+             "The copy: llama.cpp's file copied byte for byte and benched in the same rounds, a measure of the "
+             "bench's own variation.",
              "", "| type | file by | MiB | bits/weight | perplexity | prompt tok/s | decode tok/s |",
              "|---|---|---|---|---|---|---|"]
     for record in records:
@@ -173,11 +176,13 @@ def table(records: list[dict], fp: dict, cpu: str, command: str) -> str:
             lines.append(f"| {record['type']} | {who} | {r['bytes'] / 2**20:.1f} | {r['bits_per_weight']:.2f} | "
                          f"{r['perplexity']:.3f} | {r['prompt_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} |")
     lines += ["", "| type | perplexity lqtk / llama.cpp | size lqtk / llama.cpp | decode speed lqtk / llama.cpp | "
-              "tensors of another type |", "|---|---|---|---|---|"]
+              "decode speed, copy of llama.cpp's file / llama.cpp | tensors of another type |",
+              "|---|---|---|---|---|---|"]
     for record in records:
         a, b = record["lqtk"], record["llama.cpp"]
         lines.append(f"| {record['type']} | {a['perplexity'] / b['perplexity']:.3f} | {a['bytes'] / b['bytes']:.3f} "
                      f"| {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.3f} "
+                     f"| {record['control_decode_tokens_per_s'] / b['decode_tokens_per_s']:.3f} "
                      f"| {record['tensors_of_another_type']} of {len(tensor_types(Path(b['file'])))} |")
     return "\n".join(lines)
 
@@ -218,8 +223,13 @@ def main() -> None:
         files = [Path(record[who]["file"]) for who in ("llama.cpp", "lqtk")]
         types = [tensor_types(file) for file in files]
         record["tensors_of_another_type"] = sum(types[0][name] != types[1].get(name) for name in types[0])
-        for who, speed in zip(("llama.cpp", "lqtk"), speeds(bin_dir, files, opts.rounds)):
+        with tempfile.TemporaryDirectory() as tmp:  # the control: llama.cpp's file against a byte copy of itself
+            copy = Path(tmp) / files[0].name
+            shutil.copyfile(files[0], copy)
+            measured = speeds(bin_dir, [*files, copy], opts.rounds)
+        for who, speed in zip(("llama.cpp", "lqtk"), measured):
             record[who].update(speed)
+        record["control_decode_tokens_per_s"] = measured[2]["decode_tokens_per_s"]
         print(json.dumps(record, indent=2), flush=True)
     command = "python scripts/compare_llamacpp.py " + " ".join(sys.argv[1:])
     text = table(records, fp, cpu_name(), command.strip())
