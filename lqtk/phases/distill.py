@@ -130,6 +130,7 @@ class KLDistillation(Phase):
         return torch.bfloat16 if use_bf16 else torch.float32
 
     def configure_optimizers(self):
+        self.check_launch(self.trainer)  # again here: a Trainer driven from Python has no CLI to call it first
         params = [p for p in self.model.parameters() if p.requires_grad]
         kwargs = dict(lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         if self.optimizer_name == "adamw":
