@@ -183,7 +183,7 @@ def table(records: list[dict], fp: dict, cpu: str, command: str) -> str:
         lines.append(f"| {record['type']} | {a['perplexity'] / b['perplexity']:.3f} | {a['bytes'] / b['bytes']:.3f} "
                      f"| {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.3f} "
                      f"| {record['control_decode_tokens_per_s'] / b['decode_tokens_per_s']:.3f} "
-                     f"| {record['tensors_of_another_type']} of {len(tensor_types(Path(b['file'])))} |")
+                     f"| {record['tensors_of_another_type']} of {record['tensors']} |")
     return "\n".join(lines)
 
 
@@ -222,6 +222,7 @@ def main() -> None:
     for record in records:  # speed after all perplexities: the files of a type measured by turns
         files = [Path(record[who]["file"]) for who in ("llama.cpp", "lqtk")]
         types = [tensor_types(file) for file in files]
+        record["tensors"] = len(types[0])
         record["tensors_of_another_type"] = sum(types[0][name] != types[1].get(name) for name in types[0])
         with tempfile.TemporaryDirectory() as tmp:  # the control: llama.cpp's file against a byte copy of itself
             copy = Path(tmp) / files[0].name

@@ -117,6 +117,11 @@ class BlockType:
         return self.code_bits["signs"]
 
     @property
+    def even_signs(self) -> bool:
+        """Whether a run of 8 weights must have an even count of minus signs (its sign code has 7 bits)."""
+        return self.sign_bits == 7
+
+    @property
     def code_bits(self) -> dict[str, int]:
         """The width in bits of each integer field's codes."""
         return {name: max(b + s for part in parts for b, s in zip(part.bits, part.value_shift))

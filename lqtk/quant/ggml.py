@@ -134,8 +134,8 @@ def fit_vector_scale(x: torch.Tensor, weight: torch.Tensor, type_name: str, step
     grid = grid_table(type_name)
     levels = torch.tensor(TYPES[type_name].levels, dtype=torch.float32)
     rows, dim = len(x), grid.shape[1]
-    parity = TYPES[type_name].sign_bits == 7
-    target = (x * even_signs(x, weight, parity)).reshape(-1, dim)  # >= 0 but where a sign was flipped
+    # >= 0 but where a sign was flipped
+    target = (x * even_signs(x, weight, TYPES[type_name].even_signs)).reshape(-1, dim)
     vector_weight = weight.reshape(-1, dim)
     top = x.abs().amax(1)
     step = 0.1 * float((levels[1:] - levels[:-1]).min())
@@ -295,7 +295,7 @@ class GGML(ErrorFeedback):
         plain = torch.stack([entry_costs(magnitude[:, h], weight[h].expand(rows, dim), scale, table)
                              for h in range(halves)], 1)  # (O, halves, G)
         best_plain, entry = plain.min(2)
-        odd = (negative.reshape(rows, 8).sum(1) % 2 == 1) & (self.kind.sign_bits == 7)
+        odd = (negative.reshape(rows, 8).sum(1) % 2 == 1) & self.kind.even_signs
         # the rows that must flip a sign: per unit of scale, as `plain`
         flip_cost = 4 * (weight[:, None] * table)[None] * magnitude[odd][:, :, None]
         best_flipped, flipped_entry = (plain[odd] + flip_cost.amin(3)).min(2)
